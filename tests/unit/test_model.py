@@ -1,0 +1,148 @@
+"""The shipped har-mlp model under the real LiteRT runtime (no TensorFlow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedd.model import ModelError, ModelSpec, TrainableModel
+
+MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
+NAME = "har-mlp"
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    return ModelSpec.from_manifest(MANIFEST, NAME)
+
+
+@pytest.fixture
+def model(spec: ModelSpec) -> TrainableModel:
+    return TrainableModel(spec)
+
+
+def blobs(spec: ModelSpec, n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Six Gaussian blobs (fixed centers, samples drawn by seed): separable classes."""
+    centers = np.random.default_rng(7).normal(0.0, 1.0, (spec.num_classes, *spec.input_shape))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, spec.num_classes, n).astype(np.int32)
+    x = centers[y] + 0.7 * rng.normal(0.0, 1.0, (n, *spec.input_shape))
+    return x.astype(np.float32), y
+
+
+def test_spec_matches_manifest(spec: ModelSpec, model: TrainableModel) -> None:
+    assert spec.input_shape == (96,)
+    assert spec.num_classes == 6
+    assert spec.train_batch == 32
+    assert spec.path.is_file()
+    assert model.parts == {"body": 96 * 64 + 64 + 64 * 32 + 32, "head": 32 * 6 + 6}
+
+
+def test_training_lowers_loss_and_learns(spec: ModelSpec, model: TrainableModel) -> None:
+    x, y = blobs(spec, 960)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(100):
+        idx = rng.choice(len(x), spec.train_batch, replace=False)
+        losses.append(model.train_step(x[idx], y[idx], 0.05))
+    first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert last < 0.25 * first, (first, last)
+    x_test, y_test = blobs(spec, 600, seed=2)  # fresh samples from the same classes
+    accuracy = np.mean(model.predict(x_test).argmax(axis=1) == y_test)
+    assert accuracy > 0.8, accuracy  # chance is 1/6
+
+
+def test_train_head_step_freezes_body(spec: ModelSpec, model: TrainableModel) -> None:
+    x, y = blobs(spec, spec.train_batch)
+    body, head = model.get_part("body"), model.get_part("head")
+    loss = model.train_head_step(x, y, 0.1)
+    assert np.isfinite(loss)
+    np.testing.assert_array_equal(model.get_part("body"), body)
+    assert not np.array_equal(model.get_part("head"), head)
+
+
+def test_train_step_needs_exact_batch(spec: ModelSpec, model: TrainableModel) -> None:
+    x, y = blobs(spec, spec.train_batch + 1)
+    with pytest.raises(ValueError, match="train batch"):
+        model.train_step(x, y, 0.1)
+    with pytest.raises(ValueError):
+        model.train_head_step(x[:-1], y, 0.1)
+    with pytest.raises(ValueError, match="labels"):
+        model.train_step(x[:-1], np.full(spec.train_batch, spec.num_classes), 0.1)
+
+
+def test_part_round_trip(spec: ModelSpec, model: TrainableModel) -> None:
+    parts = model.get_parts()
+    assert {k: v.size for k, v in parts.items()} == model.parts
+    assert all(v.dtype == np.float32 for v in parts.values())
+    rng = np.random.default_rng(1)
+    new = {k: rng.normal(0, 0.1, v.size).astype(np.float32) for k, v in parts.items()}
+    model.set_parts(new)
+    for name, values in new.items():
+        np.testing.assert_array_equal(model.get_part(name), values)
+    model.set_part("head", parts["head"])
+    np.testing.assert_array_equal(model.get_part("head"), parts["head"])
+    np.testing.assert_array_equal(model.get_part("body"), new["body"])
+    # get_part hands out a copy: changing it does not touch the model.
+    copy = model.get_part("body")
+    copy[:] = 0.0
+    np.testing.assert_array_equal(model.get_part("body"), new["body"])
+
+
+def test_set_part_rejects_bad_values(model: TrainableModel) -> None:
+    head = model.get_part("head")
+    with pytest.raises(ValueError, match="needs"):
+        model.set_part("head", head[:-1])
+    bad = head.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        model.set_part("head", bad)
+    with pytest.raises(ValueError):
+        model.set_parts({"body": model.get_part("body") + 1.0, "head": bad})
+    with pytest.raises(KeyError):
+        model.get_part("tail")
+    np.testing.assert_array_equal(model.get_part("head"), head)
+
+
+@pytest.mark.parametrize("rows", [1, 32, 33, 0])
+def test_predict_any_rows(spec: ModelSpec, model: TrainableModel, rows: int) -> None:
+    x, _ = blobs(spec, 40)
+    logits = model.predict(x[:rows])
+    assert logits.shape == (rows, spec.num_classes)
+    assert logits.dtype == np.float32
+    assert np.isfinite(logits).all()
+    if rows:  # a row's logits do not depend on the rest of the batch
+        np.testing.assert_allclose(logits[0], model.predict(x[:1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tampered_file_is_refused(tmp_path: Path, spec: ModelSpec) -> None:
+    shutil.copy(MANIFEST, tmp_path / MANIFEST.name)
+    data = bytearray(spec.path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / spec.path.name).write_bytes(bytes(data))
+    copied = ModelSpec.from_manifest(tmp_path / MANIFEST.name, NAME)
+    assert copied.path == tmp_path / spec.path.name
+    with pytest.raises(ModelError, match="sha256"):
+        TrainableModel(copied)
+
+
+def test_manifest_errors_name_manifest_and_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no model 'cnn'"):
+        ModelSpec.from_manifest(MANIFEST, "cnn")
+    missing = tmp_path / "manifest.json"
+    with pytest.raises(ModelError, match=r"manifest\.json"):
+        ModelSpec.from_manifest(missing, NAME)
+    manifest = json.loads(MANIFEST.read_text())
+    del manifest["models"][NAME]["sha256"]
+    missing.write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=NAME):
+        ModelSpec.from_manifest(missing, NAME)
+    manifest["models"][NAME]["sha256"] = "0" * 64
+    manifest["models"][NAME]["file"] = "absent.tflite"
+    missing.write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"absent\.tflite"):
+        TrainableModel(ModelSpec.from_manifest(missing, NAME))
