@@ -1,0 +1,417 @@
+"""Typed configuration: YAML files loaded into frozen dataclasses.
+
+The schema is the dataclasses below; one generic walker reads their fields and
+type hints, so adding a setting is adding a field. Every error names the file,
+the line and the dotted key, because a device owner fixing a config over a
+serial console has nothing else to go on.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+__all__ = [
+    "EXIT_CONFIG_INVALID",
+    "EXIT_CONFIG_MISSING",
+    "AgentConfig",
+    "AggregationConfig",
+    "BrokerConfig",
+    "ConfigError",
+    "HeartbeatConfig",
+    "HubConfig",
+    "LimitsConfig",
+    "ModelConfig",
+    "ReplayConfig",
+    "SensorConfig",
+    "StoreConfig",
+    "TrainingConfig",
+    "WindowConfig",
+    "detect_role",
+    "load_agent_config",
+    "load_config",
+    "load_hub_config",
+]
+
+EXIT_CONFIG_INVALID = 78  # sysexits EX_CONFIG
+EXIT_CONFIG_MISSING = 66  # sysexits EX_NOINPUT
+
+Role = Literal["agent", "hub"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used, with where and why.
+
+    ``exit_code`` is what a daemon should exit with, so systemd and scripts can
+    tell "no file" (66) from "bad file" (78) without parsing the message.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        line: int | None,
+        key: str | None,
+        message: str,
+        *,
+        exit_code: int = EXIT_CONFIG_INVALID,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.line = line
+        self.key = key
+        self.message = message
+        self.exit_code = exit_code
+        super().__init__(str(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Survive pickling (multiprocessing) with the keyword-only exit code intact."""
+        return (type(self), (self.path, self.line, self.key, self.message), self.__dict__)
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return ": ".join(p for p in (where, self.key, self.message) if p)
+
+
+def setting(default: Any = dataclasses.MISSING, **constraints: Any) -> Any:
+    """A field with a default and constraints (min, max, gt, pattern, hint) for the walker."""
+    return field(default=default, metadata=constraints)
+
+
+IDENTIFIER = {
+    "pattern": r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
+    "hint": "must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit"
+    " (it becomes an MQTT topic level)",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    """The MQTT broker both programs connect to."""
+
+    host: str = "127.0.0.1"
+    port: int = setting(1883, min=1, max=65535)
+    keepalive_s: int = setting(30, min=5, max=3600)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which shipped model to use; the manifest pins its hash and signatures."""
+
+    manifest: str = "/usr/share/fedd/models/manifest.json"
+    name: str = "har-mlp"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplayConfig:
+    """Recorded data played back as a live sensor: demos and benchmarks need no hardware."""
+
+    dataset: Literal["hapt", "npz"] = "hapt"
+    person: int = setting(1, min=1, max=100000)
+    npz_path: str | None = None
+    speed: float = setting(1.0, gt=0, max=100000)
+    loop: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dataset == "npz" and self.npz_path is None:
+            raise ValueError("npz_path is required when dataset is 'npz'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SensorConfig:
+    """Where samples come from; ``kind`` picks the driver and its sub-section."""
+
+    kind: Literal["replay"] = "replay"
+    rate_hz: float = setting(50.0, gt=0, max=100000)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowConfig:
+    """Sliding windows over the sample stream: the unit the store keeps and the model sees."""
+
+    size: int = setting(128, min=16, max=65536)
+    step: int = setting(64, min=1, max=65536)
+
+    def __post_init__(self) -> None:
+        if self.step > self.size:
+            raise ValueError(f"step ({self.step}) must not exceed size ({self.size})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """Bounds on the local window store, so a device never fills its flash."""
+
+    max_windows: int = setting(20000, min=100)
+    max_age_h: float = setting(168.0, gt=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """When and how hard a device trains; the head stays on the device."""
+
+    min_windows: int = setting(64, min=1)
+    epochs: int = setting(2, min=1, max=100)
+    learning_rate: float = setting(0.05, gt=0, max=10)
+    head_epochs: int = setting(3, min=0, max=100)
+    min_interval_s: float = setting(60.0, min=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeartbeatConfig:
+    """How often a device reports its health to the hub."""
+
+    interval_s: float = setting(60.0, min=0.1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """One device's ``fedd.yaml``."""
+
+    device_id: str = setting(**IDENTIFIER)
+    fleet: str = setting("default", **IDENTIFIER)
+    log_level: LogLevel = "info"
+    state_dir: str = "/var/lib/fedd"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sensor: SensorConfig = field(default_factory=SensorConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregationConfig:
+    """Buffered async aggregation (FedBuff): K updates or T seconds; stale ones weigh less."""
+
+    buffer_size: int = setting(10, min=1)
+    max_wait_s: float = setting(300.0, gt=0)
+    quorum: int = setting(3, min=1)
+    max_staleness: int = setting(20, min=0)
+    staleness_exponent: float = setting(0.5, min=0, max=4)
+    server_learning_rate: float = setting(1.0, gt=0, max=10)
+
+    def __post_init__(self) -> None:
+        if self.quorum > self.buffer_size:
+            raise ValueError(
+                f"quorum ({self.quorum}) must not exceed buffer_size ({self.buffer_size})"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """Bounds that keep a bad or hostile update from hurting the hub."""
+
+    max_update_bytes: int = setting(4194304, min=1024, max=268435456)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubConfig:
+    """The hub's ``hub.yaml``."""
+
+    fleet: str = setting("default", **IDENTIFIER)
+    log_level: LogLevel = "info"
+    state_dir: str = "/var/lib/fedd-hub"
+    share_group: str = setting("hub", **IDENTIFIER)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+_ACCEPTS = {bool: ("bool",), int: ("int",), float: ("int", "float"), str: ("str",)}
+_NAMES = {
+    "bool": "a boolean",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "null": "null",
+    "timestamp": "a timestamp",
+}
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _tag(node: Node) -> str:
+    return node.tag.rsplit(":", 1)[-1]
+
+
+def _got(node: Node) -> str:
+    """Describe a node the way a user wrote it, for "expected X, got Y"."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if _tag(node) == "null":
+        return "null"
+    return f"{_NAMES.get(_tag(node), _tag(node))} ({node.value!r})"
+
+
+def _join(prefix: str | None, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _compose(path: str | os.PathLike[str]) -> Node | None:
+    """Read and compose the file, keeping every node's line for later errors."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise ConfigError(
+            path,
+            None,
+            None,
+            f"cannot read config file: {e.strerror or e}",
+            exit_code=EXIT_CONFIG_MISSING,
+        ) from None
+    try:
+        return yaml.compose(data, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        text = ": ".join(p for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
+        line = mark.line + 1 if mark else None
+        raise ConfigError(path, line, None, f"YAML syntax error: {text or e}") from None
+
+
+def _broken_bounds(value: float, meta: dict[str, Any]) -> str | None:
+    """Return the bounds a number breaks, in words, or None if it is within them."""
+    ok = (
+        ("min" not in meta or value >= meta["min"])
+        and ("gt" not in meta or value > meta["gt"])
+        and ("max" not in meta or value <= meta["max"])
+    )
+    if ok:
+        return None
+    words = {"min": "at least", "gt": "greater than", "max": "at most"}
+    return " and ".join(f"{w} {meta[k]}" for k, w in words.items() if k in meta)
+
+
+def _scalar(tp: type, meta: dict[str, Any], node: Node, key: str, path: str) -> Any:
+    """Convert one scalar node to ``tp`` and check its constraints."""
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(path, _line(node), key, message)
+
+    if not isinstance(node, ScalarNode) or _tag(node) not in _ACCEPTS[tp]:
+        quotable = tp is str and _tag(node) in ("int", "float", "bool", "timestamp")
+        hint = " (quote it to make it a string)" if quotable else ""
+        raise fail(f"expected {_NAMES[_ACCEPTS[tp][-1]]}, got {_got(node)}{hint}")
+    value = tp(SafeConstructor().construct_object(node))
+    if tp is float and not math.isfinite(value):
+        raise fail(f"must be a finite number, got {node.value}")
+    if tp in (int, float) and (bounds := _broken_bounds(value, meta)):
+        raise fail(f"must be {bounds}, got {node.value}")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        raise fail(f"{value!r} is not valid: {meta.get('hint', 'must match ' + meta['pattern'])}")
+    return value
+
+
+def _value(tp: Any, meta: dict[str, Any], knode: Node, vnode: Node, key: str, path: str) -> Any:
+    """Convert a node to the type hint ``tp``: dispatch on the kind of hint."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, vnode, key, _line(knode), path)
+    if origin in (types.UnionType, typing.Union):  # X | None
+        if _tag(vnode) == "null":
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _value(inner, meta, knode, vnode, key, path)
+    if origin is Literal:
+        if not (isinstance(vnode, ScalarNode) and _tag(vnode) == "str" and vnode.value in args):
+            choices = ", ".join(repr(a) for a in args)
+            got = vnode.value if isinstance(vnode, ScalarNode) else ""
+            close = difflib.get_close_matches(str(got), args, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                path, _line(vnode), key, f"must be one of {choices}, got {_got(vnode)}{hint}"
+            )
+        return vnode.value
+    return _scalar(tp, meta, vnode, key, path)
+
+
+def _build(cls: type, node: Node | None, prefix: str | None, line: int | None, path: str) -> Any:
+    """Walk one mapping node into ``cls``; ``line`` is where errors about the whole section go."""
+    if node is None or (isinstance(node, ScalarNode) and _tag(node) == "null"):
+        pairs = []  # an empty file or an empty section: all defaults
+    elif isinstance(node, MappingNode):
+        pairs = node.value
+    else:
+        where = "" if prefix else " at the top level"
+        raise ConfigError(path, _line(node), prefix, f"expected a mapping{where}, got {_got(node)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    seen: dict[str, int] = {}
+    kwargs = {}
+    for knode, vnode in pairs:
+        if not (isinstance(knode, ScalarNode) and _tag(knode) == "str"):
+            raise ConfigError(
+                path, _line(knode), prefix, f"keys must be strings, got {_got(knode)}"
+            )
+        name, key = knode.value, _join(prefix, knode.value)
+        if name in seen:
+            raise ConfigError(
+                path, _line(knode), key, f"duplicate key (first set on line {seen[name]})"
+            )
+        seen[name] = _line(knode)
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                path, _line(knode), key, f"unknown key{hint}; allowed keys: {', '.join(fields)}"
+            )
+        kwargs[name] = _value(hints[name], fields[name].metadata, knode, vnode, key, path)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs:
+            raise ConfigError(path, line, _join(prefix, name), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a cross-field check in __post_init__
+        raise ConfigError(path, line, prefix, str(e)) from None
+
+
+def _detect(node: Node | None) -> Role:
+    if isinstance(node, MappingNode) and any(k.value == "aggregation" for k, _ in node.value):
+        return "hub"
+    return "agent"
+
+
+def _load(path: str | os.PathLike[str], role: Role | None) -> AgentConfig | HubConfig:
+    node = _compose(path)
+    cls = {"agent": AgentConfig, "hub": HubConfig}[role or _detect(node)]
+    return _build(cls, node, None, None if node is None else _line(node), os.fspath(path))
+
+
+def detect_role(path: str | os.PathLike[str]) -> Role:
+    """Tell a hub file (it has ``aggregation``) from an agent file, for ``fedd check-config``."""
+    return _detect(_compose(path))
+
+
+def load_config(path: str | os.PathLike[str], role: Role | None = None) -> AgentConfig | HubConfig:
+    """Load either kind of file; ``role`` None means guess with :func:`detect_role`."""
+    if role not in (None, "agent", "hub"):
+        raise ValueError(f"role must be 'agent', 'hub' or None, got {role!r}")
+    return _load(path, role)
+
+
+def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Load a device's ``fedd.yaml``; raises :class:`ConfigError`."""
+    return _load(path, "agent")
+
+
+def load_hub_config(path: str | os.PathLike[str]) -> HubConfig:
+    """Load the hub's ``hub.yaml``; raises :class:`ConfigError`."""
+    return _load(path, "hub")
