@@ -114,15 +114,15 @@ class ModelConfig:
 class ReplayConfig:
     """Recorded data played back as a live sensor: demos and benchmarks need no hardware."""
 
-    dataset: Literal["hapt", "npz"] = "hapt"
+    dataset: Literal["hapt", "npz", "stream"] = "hapt"
     person: int = setting(1, min=1, max=100000)
     npz_path: str | None = None
     speed: float = setting(1.0, gt=0, max=100000)
     loop: bool = False
 
     def __post_init__(self) -> None:
-        if self.dataset == "npz" and self.npz_path is None:
-            raise ValueError("npz_path is required when dataset is 'npz'")
+        if self.dataset != "hapt" and self.npz_path is None:
+            raise ValueError(f"npz_path is required when dataset is '{self.dataset}'")
 
 
 @dataclass(frozen=True, kw_only=True)

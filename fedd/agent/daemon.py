@@ -1,0 +1,346 @@
+"""The agent daemon: sample, store, train, publish, listen, report.
+
+Five tasks share one event loop: the sampler turns sensor chunks into
+featurized windows in the store; the listener applies each new global
+version (keeping the personal head) and scores it; the trainer decides when
+a local round runs and queues its update in the durable outbox; the
+publisher drains the outbox, deleting an update only after the broker's
+acknowledgement; the reporter publishes heartbeats and writes the status
+file that `fedd status` reads. Model work runs in a worker thread, one job
+at a time, so the loop (and the systemd watchdog) stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from fedd import topics
+from fedd.agent.features import window_features
+from fedd.agent.learner import Learner, Scores
+from fedd.agent.sensors import open_source
+from fedd.agent.store import AgentStore
+from fedd.agent.windowing import Windower
+from fedd.config import AgentConfig
+from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
+from fedd.model import ModelSpec, TrainableModel
+from fedd.service import Notifier
+from fedd.wire import Evaluation, GlobalModel, Heartbeat, ModelUpdate, Status, WireError
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_BYTES = 64 * 1024 * 1024
+MAX_OUTBOX = 16
+RETENTION_EVERY = 64
+DELEGATE = "xnnpack"
+
+
+class _Stopping(Exception):
+    """Raised inside the task group to end it when stop is requested."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, notifier: Notifier) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.spec = ModelSpec.from_manifest(config.model.manifest, config.model.name)
+        state_dir = Path(config.state_dir)
+        self.store = AgentStore(state_dir / "agent.sqlite", feature_dim=self.spec.input_shape[0])
+        self.status_path = state_dir / "status.json"
+        self.learner = Learner(TrainableModel(self.spec), config.training,
+                               seed=zlib.crc32(config.device_id.encode()))
+        self.learner.restore(self.store.get("personal_head"), self.store.get("feature_mean"),
+                             self.store.get("feature_scale"))
+        self.source = open_source(config.sensor, config.window)
+        self.windower = Windower(config.window.size, config.window.step)
+        holdout = self.source.holdout()
+        self.holdout = None if holdout is None else (
+            window_features(holdout[0], config.sensor.rate_hz), holdout[1].astype(np.int32))
+        self.started = time.monotonic()
+        self.activity = "starting"
+        self.decision = "waiting for the global model"
+        self.evaluation: Scores | None = None
+        self.last_update: dict[str, object] | None = self.store.get("last_update")
+        self.updates_sent = int(self.store.get("updates_sent", 0))
+        self.uplink_bytes = int(self.store.get("uplink_bytes", 0))
+        self.last_trained_version: int | None = self.store.get("last_trained_version")
+        self.last_round_at = 0.0
+        self._model_lock = asyncio.Lock()
+        self._wake_trainer = asyncio.Event()
+        self._wake_publisher = asyncio.Event()
+        self._link: Link | None = None
+
+    # lifecycle
+
+    def reload(self, config: AgentConfig) -> None:
+        """Apply training, store and heartbeat settings; others need a restart."""
+        fixed = ("device_id", "fleet", "state_dir", "broker", "model", "sensor", "window")
+        changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
+        if changed:
+            log.warning("reload: %s change(s) need a restart; applying the rest",
+                        ", ".join(changed))
+            config = type(config)(**{**config.__dict__,
+                                     **{k: getattr(self.config, k) for k in changed}})
+        self.config = config
+        self.learner.training = config.training
+        logging.getLogger().setLevel(config.log_level.upper())
+        log.info("reloaded configuration")
+        self._wake_trainer.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        status_topic = topics.status(cfg.fleet, cfg.device_id)
+        offline = Status(cfg.device_id, "offline", time.time()).encode()
+        self._link = Link(host=cfg.broker.host, port=cfg.broker.port,
+                          keepalive_s=cfg.broker.keepalive_s, client_id=f"fedd-{cfg.device_id}",
+                          subscriptions=[(topics.model_current(cfg.fleet), 1)],
+                          will=Will(status_topic, offline))
+        async with self._link as link:
+            self.notifier.ready()
+            log.info("agent %s up: model %s, %d windows stored, %d updates queued",
+                     cfg.device_id, self.spec.name, self.store.count_windows(),
+                     self.store.outbox_size())
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for job in (self._sample, self._listen, self._train, self._publish,
+                                self._report):
+                        group.create_task(job())
+                    group.create_task(self._until(stop))
+            except* _Stopping:
+                pass
+            with contextlib.suppress(LinkDown, PublishRejected):
+                await link.publish(status_topic, Status(cfg.device_id, "offline",
+                                                        time.time()).encode(),
+                                   retain=True, timeout=2.0)
+        self._write_status()
+        self.store.close()
+        log.info("agent %s stopped cleanly", cfg.device_id)
+
+    @staticmethod
+    async def _until(stop: asyncio.Event) -> None:
+        await stop.wait()
+        raise _Stopping
+
+    async def _in_worker(self, fn: Callable[..., object], *args: object) -> object:
+        """Run model work in a thread, one job at a time."""
+        async with self._model_lock:
+            return await asyncio.to_thread(fn, *args)
+
+    # sampler
+
+    async def _sample(self) -> None:
+        self.activity = "sampling"
+        rate = self.config.sensor.rate_hz
+        since_retention = 0
+        async for chunk in self.source.chunks(int(self.store.get("sensor_cursor", 0))):
+            windows, labels = self.windower.push(chunk.samples, chunk.labels, chunk.gap_before)
+            if not len(windows):
+                continue
+            cursor = chunk.cursor - self.windower.pending
+            self.store.add_windows(window_features(windows, rate), labels,
+                                   state={"sensor_cursor": cursor})
+            since_retention += len(windows)
+            if since_retention >= RETENTION_EVERY:
+                self.store.enforce_retention(max_windows=self.config.store.max_windows,
+                                             max_age_s=self.config.store.max_age_h * 3600)
+                since_retention = 0
+            self._wake_trainer.set()
+        self.activity = "stream ended"
+        log.info("sensor stream ended")
+
+    # listener
+
+    async def _listen(self) -> None:
+        assert self._link is not None
+        async for message in self._link.messages():
+            try:
+                model = GlobalModel.decode(message.payload, max_bytes=MAX_MODEL_BYTES)
+            except WireError as exc:
+                log.warning("ignored a global model message: %s", exc)
+                continue
+            if model.version == self.learner.version:
+                continue
+            if (model.model, model.model_sha256) != (self.spec.name, self.spec.sha256):
+                log.error("the hub serves model %s (%s…), this device runs %s (%s…)",
+                          model.model, model.model_sha256[:12], self.spec.name,
+                          self.spec.sha256[:12])
+                continue
+            sizes = {name: len(values) for name, values in model.parts.items()}
+            if sizes != self.spec.parts:
+                log.error("global version %d has parts %s, expected %s", model.version, sizes,
+                          self.spec.parts)
+                continue
+            await self._in_worker(self._adopt, model)
+            log.info("global version %d applied (%d contributors)", model.version,
+                     model.contributors)
+            self._wake_trainer.set()
+            await self._heartbeat()
+
+    def _adopt(self, model: GlobalModel) -> None:
+        """Apply a global version, re-fit the personal head and score both (worker)."""
+        self.learner.apply_global(model)
+        features, labels = self.store.labelled_windows()
+        if len(features) < self.config.training.min_windows:
+            return
+        self.learner.fit_scaler(features)
+        self.learner.personalize(features, labels)
+        self._save_personal()
+        if self.holdout is not None:
+            self.evaluation = self.learner.evaluate(*self.holdout)
+
+    def _save_personal(self) -> None:
+        learner = self.learner
+        assert learner.personal_head is not None and learner.mean is not None
+        assert learner.scale is not None
+        self.store.put(personal_head=learner.personal_head, feature_mean=learner.mean,
+                       feature_scale=learner.scale)
+
+    # trainer
+
+    def _training_decision(self) -> tuple[str, float]:
+        """What the trainer does now and, if it waits, for how long at most."""
+        training = self.config.training
+        if self.learner.version is None:
+            return "waiting for the global model", 60.0
+        labelled = self.store.count_windows(labelled_only=True)
+        if labelled < training.min_windows:
+            return f"waiting for data: {labelled}/{training.min_windows} labelled windows", 60.0
+        if self.last_trained_version == self.learner.version:
+            return f"up to date: trained on version {self.learner.version}", 60.0
+        backlog = self.store.outbox_size()
+        if backlog >= MAX_OUTBOX:
+            return f"deferred: {backlog} updates await the broker", 5.0
+        cooldown = self.last_round_at + training.min_interval_s - time.monotonic()
+        if cooldown > 0:
+            return f"cooling down: {cooldown:.0f} s until the next round", cooldown
+        return f"training on version {self.learner.version}", 0.0
+
+    async def _train(self) -> None:
+        while True:
+            self.decision, wait_s = self._training_decision()
+            if wait_s > 0:
+                self._wake_trainer.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_trainer.wait(), wait_s)
+                continue
+            self.activity = "training"
+            try:
+                await self._in_worker(self._local_round)
+            finally:
+                self.activity = "sampling" if self.activity == "training" else self.activity
+            self._wake_publisher.set()
+
+    def _local_round(self) -> None:
+        """Train, personalize and queue the update durably (worker)."""
+        started = time.monotonic()
+        features, labels = self.store.labelled_windows()
+        self.learner.fit_scaler(features)
+        result = self.learner.local_round(features, labels)
+        self.learner.personalize(features, labels)
+        seq = int(self.store.get("next_seq", 0))
+        update = ModelUpdate(device=self.config.device_id, seq=seq,
+                             base_version=result.base_version, model=self.spec.name,
+                             num_samples=result.num_samples, parts=result.delta,
+                             created=time.time())
+        self.last_update = {"seq": seq, "base_version": result.base_version,
+                            "samples": result.num_samples, "time": update.created,
+                            "loss_before": round(result.loss_before, 4),
+                            "loss_after": round(result.loss_after, 4),
+                            "train_s": round(time.monotonic() - started, 4)}
+        self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
+                           update.encode(), seq=seq)
+        self.store.put(next_seq=seq + 1, last_trained_version=result.base_version,
+                       last_update=self.last_update)
+        self._save_personal()
+        self.last_trained_version = result.base_version
+        self.last_round_at = time.monotonic()
+        log.info("update %d queued: version %d, %d windows, loss %.3f → %.3f", seq,
+                 result.base_version, result.num_samples, result.loss_before, result.loss_after)
+
+    # publisher
+
+    async def _publish(self) -> None:
+        assert self._link is not None
+        link = self._link
+        while True:
+            item = self.store.oldest_outgoing()
+            if item is None:
+                self._wake_publisher.clear()
+                await self._wake_publisher.wait()
+                continue
+            await link.connected.wait()
+            try:
+                await link.publish(item.topic, item.payload, qos=1)
+            except LinkDown as exc:
+                log.info("update %d not yet acknowledged (%s); will retry", item.seq, exc)
+                await asyncio.sleep(1.0)
+                continue
+            except PublishRejected as exc:
+                log.error("broker refused update %d, dropping it: %s", item.seq, exc)
+            else:
+                self.updates_sent += 1
+                self.uplink_bytes += publish_wire_bytes(item.topic, item.payload, qos=1)
+            self.store.acknowledge(item.seq)
+            self.store.put(updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes)
+
+    # reporter
+
+    async def _report(self) -> None:
+        assert self._link is not None
+        status_topic = topics.status(self.config.fleet, self.config.device_id)
+        announced = 0
+        while True:
+            if self._link.connected.is_set() and announced != self._link.connections:
+                with contextlib.suppress(LinkDown, PublishRejected):
+                    await self._link.publish(status_topic, Status(
+                        self.config.device_id, "online", time.time()).encode(), retain=True)
+                    announced = self._link.connections
+            await self._heartbeat()
+            await asyncio.sleep(self.config.heartbeat.interval_s)
+
+    def heartbeat(self) -> Heartbeat:
+        evaluation = None if self.evaluation is None else Evaluation(
+            version=self.evaluation.version, windows=self.evaluation.windows,
+            global_accuracy=round(self.evaluation.global_accuracy, 4),
+            personal_accuracy=round(self.evaluation.personal_accuracy, 4))
+        return Heartbeat(
+            device=self.config.device_id, time=time.time(),
+            uptime_s=round(time.monotonic() - self.started, 1), activity=self.activity,
+            decision=self.decision, model_version=self.learner.version,
+            windows=self.store.count_windows(), outbox=self.store.outbox_size(),
+            updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes,
+            last_update_seq=None if self.last_update is None else int(self.last_update["seq"]),
+            delegate=DELEGATE, rss_bytes=psutil.Process().memory_info().rss,
+            evaluation=evaluation)
+
+    async def _heartbeat(self) -> None:
+        """Publish a heartbeat (QoS 0: the next one supersedes it) and the status."""
+        assert self._link is not None
+        beat = self.heartbeat()
+        self.notifier.status(f"version {beat.model_version}, {beat.windows} windows, "
+                             f"{beat.outbox} queued; {beat.decision}")
+        self._write_status(beat)
+        if self._link.connected.is_set():
+            with contextlib.suppress(LinkDown, PublishRejected):
+                await self._link.publish(topics.heartbeat(self.config.fleet,
+                                                          self.config.device_id),
+                                         beat.encode(), qos=0)
+
+    def _write_status(self, beat: Heartbeat | None = None) -> None:
+        beat = beat or self.heartbeat()
+        status = {**json.loads(beat.encode()), "last_update": self.last_update,
+                  "pid": os.getpid()}
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, indent=1))
+        os.replace(tmp, self.status_path)
+

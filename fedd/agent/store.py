@@ -1,0 +1,154 @@
+"""The agent's local store: SQLite in WAL mode with full fsync on commit.
+
+Three tables: `windows` (featurized sensor windows, bounded by count and
+age), `state` (small named blobs: replay cursor, personal head, scaler,
+sequence numbers) and `outbox` (encoded updates waiting for the broker's
+acknowledgement). A power cut loses nothing that a commit returned for,
+which is why `synchronous=FULL`: commits are batched, so it costs little.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS windows (
+    id INTEGER PRIMARY KEY, stored_at REAL NOT NULL, label INTEGER NOT NULL,
+    features BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS windows_stored_at ON windows (stored_at);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY, created REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    seq: int
+    topic: str
+    payload: bytes
+
+
+class AgentStore:
+    def __init__(self, path: str | Path, *, feature_dim: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.feature_dim = feature_dim
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # windows
+
+    def add_windows(self, features: np.ndarray, labels: np.ndarray,
+                    state: dict[str, Any] | None = None) -> None:
+        """Store windows and, in the same transaction, the state they advance."""
+        now = time.time()
+        rows = [(now, int(label), np.asarray(f, dtype="<f4").tobytes())
+                for f, label in zip(features, labels, strict=True)]
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO windows (stored_at, label, features) VALUES (?, ?, ?)", rows)
+            for key, value in (state or {}).items():
+                self._put(key, value)
+
+    def count_windows(self, *, labelled_only: bool = False) -> int:
+        where = " WHERE label >= 0" if labelled_only else ""
+        return int(self._query(f"SELECT COUNT(*) FROM windows{where}")[0][0])
+
+    def labelled_windows(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._query("SELECT features, label FROM windows WHERE label >= 0 ORDER BY id")
+        if not rows:
+            return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.int32)
+        features = np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4")
+        return (features.reshape(len(rows), self.feature_dim).astype(np.float32),
+                np.array([r[1] for r in rows], dtype=np.int32))
+
+    def enforce_retention(self, *, max_windows: int, max_age_s: float) -> int:
+        """Drop windows beyond the count or age bound, oldest first."""
+        with self._transaction():
+            aged = self._db.execute("DELETE FROM windows WHERE stored_at < ?",
+                                    (time.time() - max_age_s,)).rowcount
+            over = self._db.execute(
+                "DELETE FROM windows WHERE id NOT IN "
+                "(SELECT id FROM windows ORDER BY id DESC LIMIT ?)", (max_windows,)).rowcount
+        return aged + over
+
+    # state
+
+    def _put(self, key: str, value: Any) -> None:
+        blob = value.astype("<f4").tobytes() if isinstance(value, np.ndarray) else \
+            json.dumps(value).encode()
+        kind = "a" if isinstance(value, np.ndarray) else "j"
+        self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                         (key, kind.encode() + blob))
+
+    def put(self, **values: Any) -> None:
+        """Store JSON-able values or float32 arrays under names, atomically."""
+        with self._transaction():
+            for key, value in values.items():
+                self._put(key, value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        rows = self._query("SELECT value FROM state WHERE key = ?", (key,))
+        if not rows:
+            return default
+        value = bytes(rows[0][0])  # type: ignore[arg-type]
+        kind, blob = value[:1], value[1:]
+        return np.frombuffer(blob, dtype="<f4").copy() if kind == b"a" else json.loads(blob)
+
+    # outbox
+
+    def enqueue(self, topic: str, payload: bytes, *, seq: int) -> None:
+        """Queue an update durably; `seq` is its update sequence number."""
+        with self._transaction():
+            self._db.execute("INSERT INTO outbox (seq, created, topic, payload) "
+                             "VALUES (?, ?, ?, ?)", (seq, time.time(), topic, payload))
+
+    def oldest_outgoing(self) -> Outgoing | None:
+        rows = self._query("SELECT seq, topic, payload FROM outbox ORDER BY seq LIMIT 1")
+        if not rows:
+            return None
+        seq, topic, payload = rows[0]
+        return Outgoing(int(seq), str(topic), bytes(payload))  # type: ignore[arg-type]
+
+    def acknowledge(self, seq: int) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def outbox_size(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM outbox")[0][0])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT under the lock, or ROLLBACK on error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")

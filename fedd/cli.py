@@ -1,0 +1,160 @@
+"""One command line for every fedd program: `fedd agent`, `fedd hub`, …"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fedd import __version__
+from fedd.config import ConfigError, load_agent_config, load_config, load_hub_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_NO_STATUS = 3
+
+DEFAULT_AGENT_CONFIG = "/etc/fedd/fedd.yaml"
+DEFAULT_HUB_CONFIG = "/etc/fedd/hub.yaml"
+
+log = logging.getLogger("fedd")
+
+
+def _config_error(exc: ConfigError) -> int:
+    print(f"fedd: invalid configuration: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from fedd.agent.daemon import Agent
+    from fedd.service import Notifier, serve, setup_logging
+
+    config = load_agent_config(args.config)
+    setup_logging(config.log_level)
+    notifier = Notifier()
+    asyncio.run(serve(Agent(config, notifier), notifier, lambda: load_agent_config(args.config)))
+    return EXIT_OK
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from fedd.hub.service import HubService
+    from fedd.service import Notifier, serve, setup_logging
+
+    config = load_hub_config(args.config)
+    setup_logging(config.log_level)
+    notifier = Notifier()
+    asyncio.run(serve(HubService(config, notifier), notifier,
+                      lambda: load_hub_config(args.config)))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file, role=args.role)
+    role = "hub" if type(config).__name__ == "HubConfig" else "agent"
+    print(f"{args.file}: valid {role} configuration")
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir or load_config(args.config).state_dir)
+    path = state_dir / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"fedd: no status at {path}: {exc}", file=sys.stderr)
+        return EXIT_NO_STATUS
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return EXIT_OK
+    now = time.time()
+    if "device" not in status:  # the hub's status file
+        print(f"hub           version {status['version']} ({status['digest'][:16]}…)")
+        print(f"buffered      {status['buffered']} updates")
+        print(f"accepted      {status['accepted']}   rejected {status['rejected'] or 'none'}")
+        print(f"devices       {status['devices']}   (written {_age(now - status['time'])})")
+        return EXIT_OK
+    last = status.get("last_update")
+    evaluation = status.get("evaluation")
+    print(f"device        {status['device']}   (pid {status['pid']}, "
+          f"written {_age(now - status['time'])})")
+    print(f"model         version {status['model_version']}   delegate {status['delegate']}")
+    print(f"activity      {status['activity']}")
+    print(f"scheduler     {status['decision']}")
+    print(f"store         {status['windows']} windows   outbox {status['outbox']} queued")
+    print(f"uplink        {status['updates_sent']} updates, {status['uplink_bytes']} bytes")
+    if last:
+        print(f"last update   seq {last['seq']} on version {last['base_version']}, "
+              f"{last['samples']} windows, loss {last['loss_before']} → {last['loss_after']}, "
+              f"{_age(now - last['time'])}")
+    if evaluation:
+        print(f"holdout       version {evaluation['version']}: personal "
+              f"{evaluation['personal_accuracy']:.1%}, global {evaluation['global_accuracy']:.1%}"
+              f" on {evaluation['windows']} windows")
+    return EXIT_OK
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from fedd.fleet.runner import FleetOptions, run_fleet
+
+    options = FleetOptions(devices=args.devices, versions=args.versions,
+                           timeout_s=args.timeout, speed=args.speed, out=Path(args.out),
+                           buffer_size=args.buffer_size, seed=args.seed)
+    return run_fleet(options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="run the device daemon")
+    agent.add_argument("-c", "--config", default=DEFAULT_AGENT_CONFIG)
+    agent.set_defaults(func=cmd_agent)
+
+    hub = sub.add_parser("hub", help="run the aggregation hub")
+    hub.add_argument("-c", "--config", default=DEFAULT_HUB_CONFIG)
+    hub.set_defaults(func=cmd_hub)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.add_argument("--role", choices=["agent", "hub"],
+                       help="default: hub if the file has an 'aggregation' section")
+    check.set_defaults(func=cmd_check_config)
+
+    status = sub.add_parser("status", help="show a local agent's (or hub's) state")
+    status.add_argument("-c", "--config", default=DEFAULT_AGENT_CONFIG)
+    status.add_argument("--state-dir", help="read this state directory instead")
+    status.add_argument("--json", action="store_true", help="print the raw status")
+    status.set_defaults(func=cmd_status)
+
+    fleet = sub.add_parser("fleet", help="run a local fleet on HAPT: broker, hub, agents")
+    fleet.add_argument("--devices", type=int, default=10, help="people from HAPT (max 30)")
+    fleet.add_argument("--versions", type=int, default=60, help="stop after this many versions")
+    fleet.add_argument("--timeout", type=float, default=600.0, help="stop after this long (s)")
+    fleet.add_argument("--speed", type=float, default=50.0, help="replay clock speed-up")
+    fleet.add_argument("--buffer-size", type=int, default=5, help="FedBuff K")
+    fleet.add_argument("--seed", type=int, default=0)
+    fleet.add_argument("--out", default="runs/fleet", help="run folder: configs, logs, report")
+    fleet.set_defaults(func=cmd_fleet)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Aggregation arithmetic, pure numpy: staleness weights and FedBuff.
+
+FedBuff (Nguyen et al., 2022) folds each arriving update into a running
+buffer instead of waiting for a synchronous round; a new global version is
+published when the buffer holds K updates, or when T seconds have passed
+with at least a quorum. Each update is damped by its staleness τ (how many
+versions the hub moved on since the device's base): s(τ) = (1 + τ)^-a.
+
+The buffer keeps only running sums, so memory is one model's size whatever
+K is. The weighted mean divides by the plain sample count, not the
+staleness-weighted one, so a stale update really moves the model less.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+Parts = Mapping[str, np.ndarray]
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """Polynomial staleness damping, 1 for a fresh update."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return float((1.0 + staleness) ** -exponent)
+
+
+def weighted_mean(deltas: list[Parts], weights: list[float], total: float) -> dict[str, np.ndarray]:
+    """Σ w_i Δ_i / total, part by part; the reference the buffer must match."""
+    return {name: sum(w * d[name] for w, d in zip(weights, deltas, strict=True)) / total
+            for name in deltas[0]}
+
+
+def apply_delta(parts: Parts, delta: Parts, learning_rate: float) -> dict[str, np.ndarray]:
+    """The new global weights: w + η Δ."""
+    return {name: (parts[name] + learning_rate * delta[name]).astype(np.float32)
+            for name in parts}
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """What one buffer flush folded in, for the version's provenance."""
+
+    delta: dict[str, np.ndarray]
+    contributors: int
+    samples: int
+    mean_staleness: float
+
+
+class FedBuff:
+    """A staleness-weighted buffer of updates with FedBuff's K/T/quorum rule."""
+
+    def __init__(self, *, buffer_size: int, max_wait_s: float, quorum: int,
+                 staleness_exponent: float) -> None:
+        if not 1 <= quorum <= buffer_size:
+            raise ValueError(f"need 1 <= quorum ({quorum}) <= buffer_size ({buffer_size})")
+        self.buffer_size = buffer_size
+        self.max_wait_s = max_wait_s
+        self.quorum = quorum
+        self.staleness_exponent = staleness_exponent
+        self._sums: dict[str, np.ndarray] = {}
+        self._samples = 0
+        self._count = 0
+        self._staleness_total = 0
+        self._first_at: float | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def fold(self, delta: Parts, *, num_samples: int, staleness: int,
+             now: float | None = None) -> float:
+        """Add one update; returns the weight it got."""
+        weight = num_samples * staleness_weight(staleness, self.staleness_exponent)
+        for name, values in delta.items():
+            acc = self._sums.get(name)
+            contribution = weight * values.astype(np.float64)
+            self._sums[name] = contribution if acc is None else acc + contribution
+        self._samples += num_samples
+        self._count += 1
+        self._staleness_total += staleness
+        if self._first_at is None:
+            self._first_at = time.monotonic() if now is None else now
+        return weight
+
+    def due_at(self) -> float | None:
+        """Monotonic time at which the T rule fires, if anything is buffered."""
+        return None if self._first_at is None else self._first_at + self.max_wait_s
+
+    def ready(self, now: float | None = None) -> bool:
+        if self._count >= self.buffer_size:
+            return True
+        due = self.due_at()
+        now = time.monotonic() if now is None else now
+        return due is not None and now >= due and self._count >= self.quorum
+
+    def flush(self) -> Flushed:
+        """Empty the buffer into one averaged delta."""
+        if not self._count:
+            raise ValueError("nothing buffered")
+        flushed = Flushed(
+            delta={n: (s / self._samples).astype(np.float32) for n, s in self._sums.items()},
+            contributors=self._count, samples=self._samples,
+            mean_staleness=self._staleness_total / self._count)
+        self._sums, self._samples, self._count = {}, 0, 0
+        self._staleness_total, self._first_at = 0, None
+        return flushed

@@ -1,0 +1,206 @@
+"""The hub: verify updates, fold them FedBuff-style, publish new versions.
+
+`HubCore` holds the logic with no MQTT in it (so tests drive it directly):
+each payload is decoded strictly, checked against the model and the device's
+history, and folded into the buffer or rejected with a counted reason.
+`HubService` connects it to the broker through `fedd.link`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedd import topics
+from fedd.config import AggregationConfig, HubConfig
+from fedd.hub.aggregate import FedBuff, apply_delta
+from fedd.hub.models import ModelStore
+from fedd.link import Link, LinkDown
+from fedd.model import ModelSpec, TrainableModel
+from fedd.service import Notifier
+from fedd.wire import GlobalModel, ModelUpdate, WireError
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """An update the hub will not fold in; `reason` is a counted code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Accepted:
+    device: str
+    seq: int
+    staleness: int
+    weight: float
+
+
+def _buffer(aggregation: AggregationConfig) -> FedBuff:
+    return FedBuff(buffer_size=aggregation.buffer_size, max_wait_s=aggregation.max_wait_s,
+                   quorum=aggregation.quorum,
+                   staleness_exponent=aggregation.staleness_exponent)
+
+
+class HubCore:
+    """Decode, verify and fold updates; cut new global versions."""
+
+    def __init__(self, config: HubConfig, spec: ModelSpec, store: ModelStore) -> None:
+        self.config = config
+        self.spec = spec
+        self.store = store
+        self.current = store.latest() or self._initial_version()
+        self.buffer = _buffer(config.aggregation)
+        self.last_seq: dict[str, int] = {}
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+
+    def _initial_version(self) -> GlobalModel:
+        """Version 0 is the shipped model's initial weights."""
+        parts = TrainableModel(self.spec).get_parts()
+        model = GlobalModel(version=0, parent=None, model=self.spec.name,
+                            model_sha256=self.spec.sha256, created=time.time(),
+                            contributors=0, mean_staleness=0.0, parts=parts)
+        self.store.save(model)
+        return model
+
+    def reconfigure(self, config: HubConfig) -> None:
+        """Apply a reloaded config; buffered updates are kept."""
+        old = self.buffer
+        self.buffer = _buffer(config.aggregation)
+        self.buffer.__dict__.update({k: v for k, v in old.__dict__.items() if k.startswith("_")})
+        self.config = config
+
+    def receive(self, topic: str, payload: bytes, now: float | None = None) -> Accepted:
+        """Fold one update in, or raise Rejected (and count it)."""
+        try:
+            accepted = self._verify_and_fold(topic, payload, now)
+        except Rejected as exc:
+            self.rejected[exc.reason] += 1
+            raise
+        self.accepted += 1
+        return accepted
+
+    def _verify_and_fold(self, topic: str, payload: bytes, now: float | None) -> Accepted:
+        try:
+            update = ModelUpdate.decode(payload, max_bytes=self.config.limits.max_update_bytes)
+        except WireError as exc:
+            raise Rejected(exc.reason, exc.detail) from None
+        if update.device != topics.device_of(topic):
+            raise Rejected("device-mismatch", f"{update.device} published on {topic}")
+        if update.model != self.spec.name:
+            raise Rejected("wrong-model", f"{update.model} is not {self.spec.name}")
+        sizes = {name: len(values) for name, values in update.parts.items()}
+        if sizes != self.spec.parts:
+            raise Rejected("wrong-shape", f"parts {sizes} are not {self.spec.parts}")
+        if update.seq <= self.last_seq.get(update.device, -1):
+            raise Rejected("duplicate", f"{update.device} seq {update.seq} already seen")
+        staleness = self.current.version - update.base_version
+        if staleness < 0:
+            raise Rejected("future-base", f"base {update.base_version} > {self.current.version}")
+        if staleness > self.config.aggregation.max_staleness:
+            raise Rejected("too-stale", f"staleness {staleness}")
+        self.last_seq[update.device] = update.seq
+        weight = self.buffer.fold(update.parts, num_samples=update.num_samples,
+                                  staleness=staleness, now=now)
+        return Accepted(update.device, update.seq, staleness, weight)
+
+    def next_version(self) -> GlobalModel:
+        """Flush the buffer into a new stored version."""
+        flushed = self.buffer.flush()
+        parts = apply_delta(self.current.parts, flushed.delta,
+                            self.config.aggregation.server_learning_rate)
+        model = GlobalModel(version=self.current.version + 1, parent=self.current.version,
+                            model=self.spec.name, model_sha256=self.spec.sha256,
+                            created=time.time(), contributors=flushed.contributors,
+                            mean_staleness=flushed.mean_staleness, parts=parts)
+        self.store.save(model)
+        self.current = model
+        return model
+
+    def status(self) -> dict[str, object]:
+        return {"version": self.current.version, "digest": self.current.digest,
+                "buffered": len(self.buffer), "accepted": self.accepted,
+                "rejected": dict(self.rejected), "devices": len(self.last_seq),
+                "time": time.time()}
+
+
+class HubService:
+    """Runs a HubCore against the broker until asked to stop."""
+
+    def __init__(self, config: HubConfig, notifier: Notifier) -> None:
+        self.config = config
+        self.notifier = notifier
+        state = Path(config.state_dir)
+        spec = ModelSpec.from_manifest(config.model.manifest, config.model.name)
+        self.core = HubCore(config, spec, ModelStore(state / "models"))
+        self.status_path = state / "status.json"
+        self._announced = (0, -1)  # (link connection count, version) last published
+
+    def reload(self, config: HubConfig) -> None:
+        if (config.broker, config.fleet, config.share_group, config.model) != (
+                self.config.broker, self.config.fleet, self.config.share_group,
+                self.config.model):
+            log.warning("reload: broker, fleet, share_group and model changes need a restart")
+        self.core.reconfigure(config)
+        self.config = config
+        log.info("reloaded configuration")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        link = Link(host=cfg.broker.host, port=cfg.broker.port, keepalive_s=cfg.broker.keepalive_s,
+                    client_id=f"fedd-hub-{cfg.fleet}-{os.getpid()}",
+                    subscriptions=[(topics.update_shared(cfg.fleet, cfg.share_group), 1)])
+        async with link:
+            self.notifier.ready()
+            log.info("hub for fleet %s at version %d", cfg.fleet, self.core.current.version)
+            while not stop.is_set():
+                message = await link.next_message(timeout=0.2)
+                if message is not None:
+                    self._receive(message.topic, message.payload)
+                if self.core.buffer.ready():
+                    model = self.core.next_version()
+                    log.info("version %d: %d updates, mean staleness %.2f", model.version,
+                             model.contributors, model.mean_staleness)
+                    self.notifier.status(f"version {model.version}, "
+                                         f"{self.core.accepted} updates accepted")
+                    self._write_status()
+                await self._announce(link)
+
+    def _receive(self, topic: str, payload: bytes) -> None:
+        try:
+            accepted = self.core.receive(topic, payload)
+        except Rejected as exc:
+            log.warning("rejected update on %s: %s", topic, exc)
+        else:
+            log.debug("folded %s seq %d (staleness %d, weight %.1f)", accepted.device,
+                      accepted.seq, accepted.staleness, accepted.weight)
+        self._write_status()
+
+    async def _announce(self, link: Link) -> None:
+        """Publish the current version retained, again after every reconnect."""
+        state = (link.connections, self.core.current.version)
+        if not link.connected.is_set() or state == self._announced:
+            return
+        current = self.core.current
+        try:
+            await link.publish(topics.model_current(self.config.fleet), current.encode(),
+                               qos=1, retain=True)
+        except LinkDown as exc:
+            log.warning("could not publish version %d yet: %s", current.version, exc)
+            return
+        self._announced = state
+
+    def _write_status(self) -> None:
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.core.status(), indent=1))
+        os.replace(tmp, self.status_path)

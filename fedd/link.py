@@ -1,0 +1,224 @@
+"""The MQTT link: the only module that talks to paho.
+
+A small async surface over paho-mqtt 2 (MQTT v5): `async with Link(...)`,
+`await publish(...)` that returns once the broker acknowledged (QoS 1), and
+`async for message in link.messages()` over a bounded queue. paho runs its
+network loop in its own thread; its callbacks cross into asyncio only with
+`loop.call_soon_threadsafe`. paho keeps unacknowledged messages in memory
+only, so a publish while the link is down fails at once with `LinkDown`
+and durability stays with the caller's outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(Exception):
+    """Base of the link's errors."""
+
+
+class LinkDown(LinkError):
+    """Not connected, or the connection dropped before the acknowledgement."""
+
+
+class PublishRejected(LinkError):
+    """The broker refused a publish (e.g. not authorized by its ACL)."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"broker refused publish to {topic}: {reason}")
+        self.topic = topic
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will: published by the broker if we vanish without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def publish_wire_bytes(topic: str, payload: bytes, qos: int) -> int:
+    """Size of the MQTT v5 PUBLISH packet that carries `payload` (no properties)."""
+    variable = 2 + len(topic.encode()) + (2 if qos else 0) + 1  # topic, packet id, props len
+    remaining = variable + len(payload)
+    length_bytes = 1
+    while remaining >= 128**length_bytes:
+        length_bytes += 1
+    return 1 + length_bytes + remaining
+
+
+class Link:
+    """One MQTT v5 connection with automatic reconnection (1 s … 60 s)."""
+
+    def __init__(self, *, host: str, port: int, client_id: str, keepalive_s: int = 30,
+                 subscriptions: Iterable[tuple[str, int]] = (), will: Will | None = None,
+                 queue_size: int = 1000) -> None:
+        self._host, self._port, self._keepalive = host, port, keepalive_s
+        self._subscriptions = list(subscriptions)
+        self._client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                   client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=60)
+        if will:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self._lock = threading.RLock()
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._early: dict[int, ReasonCode] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.connected = asyncio.Event()
+        self.connections = 0  # bumps on every (re)connect, to re-announce retained state
+        self.dropped_messages = 0
+
+    async def __aenter__(self) -> Link:
+        self._loop = asyncio.get_running_loop()
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        self._client.loop_start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self.connected.is_set():
+            self._client.disconnect()
+        self._client.loop_stop()
+        self._fail_pending(LinkDown("link closed"))
+
+    async def wait_connected(self, timeout: float) -> None:
+        await asyncio.wait_for(self.connected.wait(), timeout)
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      timeout: float = 30.0) -> None:
+        """Publish and, for QoS 1, wait for the broker's PUBACK."""
+        if not self.connected.is_set():
+            raise LinkDown("not connected")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise LinkDown(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+            if qos == 0:
+                return
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = future
+        try:
+            if early is not None:
+                self._check_ack(topic, early)
+                return
+            await asyncio.wait_for(future, timeout)
+        except PublishRejected as exc:
+            raise PublishRejected(topic, exc.reason) from None
+        except TimeoutError:
+            raise LinkDown(f"no acknowledgement for {topic} within {timeout:.0f} s") from None
+        finally:
+            with self._lock:
+                self._pending.pop(info.mid, None)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self._queue.get()
+
+    async def next_message(self, timeout: float) -> Message | None:
+        """The next incoming message, or None after `timeout` seconds."""
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    # paho's network thread calls these; they only hand over to the event loop.
+
+    @staticmethod
+    def _check_ack(topic: str, reason: ReasonCode) -> None:
+        if reason.is_failure:
+            raise PublishRejected(topic, str(reason))
+
+    def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
+                    reason: ReasonCode, _props: object) -> None:
+        if reason.is_failure:
+            log.warning("broker %s:%d refused the connection: %s", self._host, self._port, reason)
+            return
+        if self._subscriptions:
+            client.subscribe(self._subscriptions)
+        log.info("connected to %s:%d", self._host, self._port)
+        self._call(self._set_connected)
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object,
+                       reason: ReasonCode, _props: object) -> None:
+        log.info("disconnected from %s:%d: %s", self._host, self._port, reason)
+        self._call(self.connected.clear)
+        self._call(self._fail_pending, LinkDown(f"disconnected: {reason}"))
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: object, mid: int,
+                    reason: ReasonCode, _props: object) -> None:
+        with self._lock:
+            future = self._pending.pop(mid, None)
+            if future is None:
+                self._early[mid] = reason
+                return
+        self._call(self._resolve, future, reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object,
+                    msg: mqtt.MQTTMessage) -> None:
+        self._call(self._enqueue, Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # event-loop side
+
+    def _call(self, fn: object, *args: object) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop shutting down
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    def _set_connected(self) -> None:
+        self.connections += 1
+        self.connected.set()
+
+    @staticmethod
+    def _resolve(future: asyncio.Future[None], reason: ReasonCode) -> None:
+        if future.done():
+            return
+        if reason.is_failure:
+            future.set_exception(PublishRejected("", str(reason)))
+        else:
+            future.set_result(None)
+
+    def _fail_pending(self, error: LinkError) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def _enqueue(self, message: Message) -> None:
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.dropped_messages += 1
+            log.warning("incoming queue full (%d): dropped a message on %s",
+                        self._queue.maxsize, message.topic)

@@ -1,0 +1,289 @@
+"""Wire messages between agents and the hub, and their strict codecs (v1).
+
+Updates and models are CBOR (RFC 8949) maps; heartbeats and status are JSON
+so an operator can read them with `mosquitto_sub`. Every decoder takes
+untrusted bytes: it bounds the size before parsing, demands exactly the
+documented keys with exact types and ranges, and raises `WireError` whose
+`reason` is a short, stable code the hub counts. docs/wire-format.md is the
+normative description of what is here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import cbor2
+import numpy as np
+
+FORMAT = 1
+CODEC_FLOAT32 = "float32"
+MAX_PARTS = 16
+MAX_PART_VALUES = 64 * 1024 * 1024
+MAX_JSON_BYTES = 16 * 1024
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class WireError(ValueError):
+    """A payload that does not follow the wire format; `reason` is countable."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj[key]
+    # bool is an int subclass; a true/false where a number belongs is an error.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise WireError("bad-field", f"{key} is a boolean")
+    if not isinstance(value, kind):
+        raise WireError("bad-field", f"{key} is {type(value).__name__}")
+    return value
+
+
+def _count(obj: Mapping[str, Any], key: str, *, minimum: int = 0) -> int:
+    value = _field(obj, key, int)
+    if not minimum <= value < 2**63:
+        raise WireError("bad-field", f"{key}={value} out of range")
+    return value
+
+
+def _identifier(obj: Mapping[str, Any], key: str) -> str:
+    value = _field(obj, key, str)
+    if not IDENTIFIER.match(value):
+        raise WireError("bad-field", f"{key}={value!r} is not an identifier")
+    return value
+
+
+def _finite(obj: Mapping[str, Any], key: str) -> float:
+    value = float(_field(obj, key, (int, float)))
+    if not math.isfinite(value):
+        raise WireError("bad-field", f"{key} is not finite")
+    return value
+
+
+def _exact_keys(obj: Any, expected: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise WireError("not-a-map", f"{what} is {type(obj).__name__}, not a map")
+    keys = set(obj)
+    if keys != expected:
+        detail = []
+        if keys - expected:
+            detail.append(f"unknown {sorted(map(str, keys - expected))}")
+        if expected - keys:
+            detail.append(f"missing {sorted(expected - keys)}")
+        raise WireError("bad-keys", f"{what}: " + ", ".join(detail))
+    return obj
+
+
+def _load_cbor(payload: bytes, max_bytes: int, what: str) -> Any:
+    if len(payload) > max_bytes:
+        raise WireError("too-large", f"{what} of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        return cbor2.loads(payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise WireError("not-cbor", f"{what}: {exc}") from None
+
+
+def encode_parts(parts: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+    """Flat float32 little-endian bytes per named part."""
+    return {name: np.ascontiguousarray(values, dtype="<f4").tobytes()
+            for name, values in sorted(parts.items())}
+
+
+def decode_parts(raw: Any) -> dict[str, np.ndarray]:
+    """Strict inverse of `encode_parts`: bounded, float32-aligned, finite."""
+    if not isinstance(raw, dict) or not raw:
+        raise WireError("bad-parts", "parts must be a non-empty map")
+    if len(raw) > MAX_PARTS:
+        raise WireError("bad-parts", f"{len(raw)} parts exceed {MAX_PARTS}")
+    parts = {}
+    for name, blob in raw.items():
+        if not isinstance(name, str) or not IDENTIFIER.match(name):
+            raise WireError("bad-parts", f"part name {name!r} is not an identifier")
+        if not isinstance(blob, bytes) or len(blob) % 4 or len(blob) // 4 > MAX_PART_VALUES:
+            raise WireError("bad-parts", f"part {name} is not a float32 vector")
+        values = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        if not np.isfinite(values).all():
+            raise WireError("non-finite", f"part {name} holds NaN or Inf")
+        parts[name] = values
+    return parts
+
+
+def parts_digest(parts: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the parts' names and float32 bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, blob in encode_parts(parts).items():
+        digest.update(name.encode() + b"\0" + len(blob).to_bytes(8, "big") + blob)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """Device → hub: the delta of the shared weights from one local round."""
+
+    device: str
+    seq: int
+    base_version: int
+    model: str
+    num_samples: int
+    parts: Mapping[str, np.ndarray] = field(repr=False)
+    created: float
+    codec: str = CODEC_FLOAT32
+
+    KEYS: ClassVar[set[str]] = {"format", "device", "seq", "base_version", "model",
+                                "num_samples", "codec", "created", "parts"}
+
+    def encode(self) -> bytes:
+        return cbor2.dumps({
+            "format": FORMAT, "device": self.device, "seq": self.seq,
+            "base_version": self.base_version, "model": self.model,
+            "num_samples": self.num_samples, "codec": self.codec,
+            "created": self.created, "parts": encode_parts(self.parts),
+        })
+
+    @classmethod
+    def decode(cls, payload: bytes, *, max_bytes: int) -> ModelUpdate:
+        obj = _exact_keys(_load_cbor(payload, max_bytes, "update"), cls.KEYS, "update")
+        if obj["format"] != FORMAT or isinstance(obj["format"], bool):
+            raise WireError("unknown-format", f"update format {obj['format']!r}")
+        if obj["codec"] != CODEC_FLOAT32:
+            raise WireError("unknown-codec", f"codec {obj['codec']!r}")
+        return cls(device=_identifier(obj, "device"), seq=_count(obj, "seq"),
+                   base_version=_count(obj, "base_version"), model=_identifier(obj, "model"),
+                   num_samples=_count(obj, "num_samples", minimum=1),
+                   parts=decode_parts(obj["parts"]), created=_finite(obj, "created"))
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """Hub → devices: one global version of the shared weights (retained)."""
+
+    version: int
+    parent: int | None
+    model: str
+    model_sha256: str
+    created: float
+    contributors: int
+    mean_staleness: float
+    parts: Mapping[str, np.ndarray] = field(repr=False)
+
+    KEYS: ClassVar[set[str]] = {"format", "version", "parent", "model", "model_sha256",
+                                "created", "contributors", "mean_staleness", "digest", "parts"}
+
+    @property
+    def digest(self) -> str:
+        return parts_digest(self.parts)
+
+    def encode(self) -> bytes:
+        return cbor2.dumps({
+            "format": FORMAT, "version": self.version, "parent": self.parent,
+            "model": self.model, "model_sha256": self.model_sha256, "created": self.created,
+            "contributors": self.contributors, "mean_staleness": self.mean_staleness,
+            "digest": self.digest, "parts": encode_parts(self.parts),
+        })
+
+    @classmethod
+    def decode(cls, payload: bytes, *, max_bytes: int) -> GlobalModel:
+        obj = _exact_keys(_load_cbor(payload, max_bytes, "model"), cls.KEYS, "model")
+        if obj["format"] != FORMAT or isinstance(obj["format"], bool):
+            raise WireError("unknown-format", f"model format {obj['format']!r}")
+        parent = None if obj["parent"] is None else _count(obj, "parent")
+        sha = _field(obj, "model_sha256", str)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise WireError("bad-field", "model_sha256 is not a sha256 hex digest")
+        message = cls(version=_count(obj, "version"), parent=parent,
+                      model=_identifier(obj, "model"), model_sha256=sha,
+                      created=_finite(obj, "created"),
+                      contributors=_count(obj, "contributors"),
+                      mean_staleness=_finite(obj, "mean_staleness"),
+                      parts=decode_parts(obj["parts"]))
+        if _field(obj, "digest", str) != message.digest:
+            raise WireError("bad-digest", f"model version {message.version} digest mismatch")
+        return message
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Holdout accuracy of one global version on one device (replay only)."""
+
+    version: int
+    windows: int
+    global_accuracy: float
+    personal_accuracy: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Device health and progress, published every interval and on new versions."""
+
+    device: str
+    time: float
+    uptime_s: float
+    activity: str
+    decision: str
+    model_version: int | None
+    windows: int
+    outbox: int
+    updates_sent: int
+    uplink_bytes: int
+    last_update_seq: int | None
+    delegate: str
+    rss_bytes: int
+    evaluation: Evaluation | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Heartbeat:
+        if len(payload) > MAX_JSON_BYTES:
+            raise WireError("too-large", f"heartbeat of {len(payload)} bytes")
+        try:
+            obj = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireError("not-json", str(exc)) from None
+        return _from_json(cls, obj, "heartbeat")
+
+
+_JSON_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,), "float": (int, float), "int": (int,),
+    "int | None": (int, type(None)), "Evaluation | None": (dict, type(None)),
+}
+
+
+def _from_json(cls: type, obj: Any, what: str) -> Any:
+    """Build a flat frozen dataclass from JSON with exact keys and types."""
+    names = {f.name for f in fields(cls)}
+    obj = _exact_keys(obj, names, what)
+    values = {}
+    for f in fields(cls):
+        value = obj[f.name]
+        kinds = _JSON_KINDS[str(f.type)]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise WireError("bad-field", f"{what}.{f.name} is {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise WireError("bad-field", f"{what}.{f.name} is not finite")
+        if isinstance(value, dict):
+            value = _from_json(Evaluation, value, f"{what}.{f.name}")
+        values[f.name] = value
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Retained online/offline marker; the offline one doubles as the last will."""
+
+    device: str
+    state: str
+    time: float
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
