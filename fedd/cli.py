@@ -15,6 +15,7 @@ from fedd.config import ConfigError, load_agent_config, load_config, load_hub_co
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_NO_STATUS = 3
 
 DEFAULT_AGENT_CONFIG = "/etc/fedd/fedd.yaml"
@@ -103,9 +104,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_fleet(args: argparse.Namespace) -> int:
     from fedd.fleet.runner import FleetOptions, run_fleet
 
-    options = FleetOptions(devices=args.devices, versions=args.versions,
-                           timeout_s=args.timeout, speed=args.speed, out=Path(args.out),
-                           buffer_size=args.buffer_size, seed=args.seed)
+    try:
+        options = FleetOptions(
+            devices=args.devices, versions=args.versions, timeout_s=args.timeout,
+            speed=args.speed, buffer_size=args.buffer_size,
+            out=Path(args.out or time.strftime("runs/fleet-%Y%m%d-%H%M%S")))
+    except ValueError as exc:
+        print(f"fedd fleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return run_fleet(options)
 
 
@@ -140,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--timeout", type=float, default=600.0, help="stop after this long (s)")
     fleet.add_argument("--speed", type=float, default=50.0, help="replay clock speed-up")
     fleet.add_argument("--buffer-size", type=int, default=5, help="FedBuff K")
-    fleet.add_argument("--seed", type=int, default=0)
-    fleet.add_argument("--out", default="runs/fleet", help="run folder: configs, logs, report")
+    fleet.add_argument("--out", default=None,
+                       help="run folder for configs, logs and the report "
+                            "(default: runs/fleet-<date>-<time>)")
     fleet.set_defaults(func=cmd_fleet)
     return parser
 

@@ -43,7 +43,6 @@ class FleetOptions:
     speed: float = 50.0
     out: Path = Path("runs/fleet")
     buffer_size: int = 5
-    seed: int = 0
     manifest: Path = MODELS
 
     def __post_init__(self) -> None:
