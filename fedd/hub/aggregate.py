@@ -56,17 +56,25 @@ class FedBuff:
 
     def __init__(self, *, buffer_size: int, max_wait_s: float, quorum: int,
                  staleness_exponent: float) -> None:
-        if not 1 <= quorum <= buffer_size:
-            raise ValueError(f"need 1 <= quorum ({quorum}) <= buffer_size ({buffer_size})")
-        self.buffer_size = buffer_size
-        self.max_wait_s = max_wait_s
-        self.quorum = quorum
-        self.staleness_exponent = staleness_exponent
+        self.configure(buffer_size=buffer_size, max_wait_s=max_wait_s, quorum=quorum,
+                       staleness_exponent=staleness_exponent)
         self._sums: dict[str, np.ndarray] = {}
         self._samples = 0
         self._count = 0
         self._staleness_total = 0
         self._first_at: float | None = None
+
+    def configure(self, *, buffer_size: int, max_wait_s: float, quorum: int,
+                  staleness_exponent: float) -> None:
+        """Set the K/T/quorum rule and the damping; what is buffered stays."""
+        if not 1 <= quorum <= buffer_size:
+            raise ValueError(f"need 1 <= quorum ({quorum}) <= buffer_size ({buffer_size})")
+        if max_wait_s <= 0 or staleness_exponent < 0:
+            raise ValueError("max_wait_s must be > 0 and staleness_exponent >= 0")
+        self.buffer_size = buffer_size
+        self.max_wait_s = max_wait_s
+        self.quorum = quorum
+        self.staleness_exponent = staleness_exponent
 
     def __len__(self) -> int:
         return self._count

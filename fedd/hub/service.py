@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedd import topics
 from fedd.config import AggregationConfig, HubConfig
@@ -45,10 +46,10 @@ class Accepted:
     weight: float
 
 
-def _buffer(aggregation: AggregationConfig) -> FedBuff:
-    return FedBuff(buffer_size=aggregation.buffer_size, max_wait_s=aggregation.max_wait_s,
-                   quorum=aggregation.quorum,
-                   staleness_exponent=aggregation.staleness_exponent)
+def _rule(aggregation: AggregationConfig) -> dict[str, Any]:
+    """The FedBuff settings of an aggregation config, as keyword arguments."""
+    return {"buffer_size": aggregation.buffer_size, "max_wait_s": aggregation.max_wait_s,
+            "quorum": aggregation.quorum, "staleness_exponent": aggregation.staleness_exponent}
 
 
 class HubCore:
@@ -59,7 +60,7 @@ class HubCore:
         self.spec = spec
         self.store = store
         self.current = store.latest() or self._initial_version()
-        self.buffer = _buffer(config.aggregation)
+        self.buffer = FedBuff(**_rule(config.aggregation))
         self.last_seq: dict[str, int] = {}
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
@@ -75,9 +76,7 @@ class HubCore:
 
     def reconfigure(self, config: HubConfig) -> None:
         """Apply a reloaded config; buffered updates are kept."""
-        old = self.buffer
-        self.buffer = _buffer(config.aggregation)
-        self.buffer.__dict__.update({k: v for k, v in old.__dict__.items() if k.startswith("_")})
+        self.buffer.configure(**_rule(config.aggregation))
         self.config = config
 
     def receive(self, topic: str, payload: bytes, now: float | None = None) -> Accepted:
@@ -145,6 +144,8 @@ class HubService:
         self.core = HubCore(config, spec, ModelStore(state / "models"))
         self.status_path = state / "status.json"
         self._announced = (0, -1)  # (link connection count, version) last published
+        self._status_written = 0.0
+        self._status_dirty = True
 
     def reload(self, config: HubConfig) -> None:
         if (config.broker, config.fleet, config.share_group, config.model) != (
@@ -173,18 +174,24 @@ class HubService:
                              model.contributors, model.mean_staleness)
                     self.notifier.status(f"version {model.version}, "
                                          f"{self.core.accepted} updates accepted")
-                    self._write_status()
+                    self._write_status(force=True)
                 await self._announce(link)
+                self._write_status()
+        self._write_status(force=True)
+        log.info("hub stopped at version %d", self.core.current.version)
 
     def _receive(self, topic: str, payload: bytes) -> None:
         try:
             accepted = self.core.receive(topic, payload)
         except Rejected as exc:
             log.warning("rejected update on %s: %s", topic, exc)
+        except Exception:  # a decoder bug must cost one update, never the hub
+            self.core.rejected["internal-error"] += 1
+            log.exception("internal error on an update from %s; dropped it", topic)
         else:
             log.debug("folded %s seq %d (staleness %d, weight %.1f)", accepted.device,
                       accepted.seq, accepted.staleness, accepted.weight)
-        self._write_status()
+        self._status_dirty = True
 
     async def _announce(self, link: Link) -> None:
         """Publish the current version retained, again after every reconnect."""
@@ -200,7 +207,12 @@ class HubService:
             return
         self._announced = state
 
-    def _write_status(self) -> None:
+    def _write_status(self, *, force: bool = False) -> None:
+        """The status file for `fedd status`, at most once a second unless forced."""
+        now = time.monotonic()
+        if not force and (not self._status_dirty or now - self._status_written < 1.0):
+            return
+        self._status_written, self._status_dirty = now, False
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.core.status(), indent=1))
         os.replace(tmp, self.status_path)
