@@ -1,0 +1,310 @@
+"""HubCore (fedd/hub/service.py): verify, fold and version, on a real model store."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedd import topics
+from fedd.config import HubConfig, load_hub_config
+from fedd.hub.models import ModelStore
+from fedd.hub.service import HubCore, Rejected
+from fedd.model import ModelSpec, TrainableModel
+from fedd.wire import ModelUpdate
+
+MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
+FLEET = "lab"
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    return ModelSpec.from_manifest(MANIFEST, "har-mlp")
+
+
+@pytest.fixture(scope="module")
+def initial_parts(spec: ModelSpec) -> dict[str, np.ndarray]:
+    return TrainableModel(spec).get_parts()
+
+
+def hub_config(tmp_path: Path, learning_rate: float = 1.0) -> HubConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "hub.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        fleet: {FLEET}
+        state_dir: {tmp_path / "state"}
+        model:
+          manifest: {MANIFEST}
+          name: har-mlp
+        aggregation:
+          buffer_size: 2
+          quorum: 1
+          max_wait_s: 60
+          max_staleness: 2
+          staleness_exponent: 0.5
+          server_learning_rate: {learning_rate}
+        limits:
+          max_update_bytes: 200000
+        """))
+    return load_hub_config(path)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> HubConfig:
+    return hub_config(tmp_path)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models")
+
+
+@pytest.fixture
+def core(config: HubConfig, spec: ModelSpec, store: ModelStore) -> HubCore:
+    return HubCore(config, spec, store)
+
+
+def delta(spec: ModelSpec, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: (scale * rng.normal(0, 1, n)).astype(np.float32)
+            for name, n in spec.parts.items()}
+
+
+def payload(spec: ModelSpec, device: str = "dev-1", seq: int = 0, base: int = 0,
+            num_samples: int = 100, parts: dict[str, np.ndarray] | None = None,
+            model: str = "har-mlp", seed: int = 0) -> bytes:
+    return ModelUpdate(device=device, seq=seq, base_version=base, model=model,
+                       num_samples=num_samples,
+                       parts=delta(spec, seed) if parts is None else parts,
+                       created=1_700_000_000.0).encode()
+
+
+def topic(device: str) -> str:
+    return topics.update(FLEET, device)
+
+
+def send(core: HubCore, spec: ModelSpec, **kw: Any) -> Any:
+    device = kw.get("device", "dev-1")
+    return core.receive(topic(device), payload(spec, **kw), now=0.0)
+
+
+def advance(core: HubCore, spec: ModelSpec, versions: int, device: str = "pusher") -> None:
+    """Cut `versions` new versions from fresh updates of one device."""
+    seq = core.last_seq.get(device, -1) + 1
+    for _ in range(versions):
+        for _ in range(core.config.aggregation.buffer_size):
+            send(core, spec, device=device, seq=seq, base=core.current.version, seed=seq)
+            seq += 1
+        assert core.buffer.ready(now=0.0)
+        core.next_version()
+
+
+def buffer_state(core: HubCore) -> tuple[Any, ...]:
+    """What the buffer holds, read back by flushing a copy of it."""
+    if not len(core.buffer):
+        return (0, core.buffer.due_at())
+    flushed = copy.deepcopy(core.buffer).flush()
+    return (len(core.buffer), core.buffer.due_at(), flushed.contributors, flushed.samples,
+            flushed.mean_staleness, {n: v.tobytes() for n, v in flushed.delta.items()})
+
+
+# ---------------------------------------------------------------- version 0
+
+
+def test_version_zero_is_the_models_initial_weights(
+        core: HubCore, store: ModelStore, spec: ModelSpec,
+        initial_parts: dict[str, np.ndarray]) -> None:
+    v0 = core.current
+    assert (v0.version, v0.parent, v0.contributors, v0.mean_staleness) == (0, None, 0, 0.0)
+    assert (v0.model, v0.model_sha256) == ("har-mlp", spec.sha256)
+    assert {n: len(p) for n, p in v0.parts.items()} == spec.parts
+    for name, values in initial_parts.items():
+        assert v0.parts[name].tobytes() == values.tobytes()
+    assert store.versions() == [0]
+    stored = store.load(0)
+    assert stored.digest == v0.digest
+    assert (store.directory / "v00000000.cbor").read_bytes() == v0.encode()
+
+
+def test_status_before_any_update(core: HubCore) -> None:
+    status = core.status()
+    assert status["version"] == 0 and status["digest"] == core.current.digest
+    assert (status["buffered"], status["accepted"], status["rejected"], status["devices"]) == (
+        0, 0, {}, 0)
+
+
+# --------------------------------------------------------------- aggregation
+
+
+def test_two_updates_make_version_one(core: HubCore, store: ModelStore, spec: ModelSpec) -> None:
+    v0 = core.current
+    d1, d2 = delta(spec, 1), delta(spec, 2)
+    first = send(core, spec, device="dev-1", parts=d1, num_samples=120)
+    assert (first.device, first.seq, first.staleness, first.weight) == ("dev-1", 0, 0, 120.0)
+    assert len(core.buffer) == 1 and not core.buffer.ready(now=1.0)
+    send(core, spec, device="dev-2", parts=d2, num_samples=40)
+    assert core.buffer.ready(now=0.0)
+    v1 = core.next_version()
+    assert (v1.version, v1.parent, v1.contributors, v1.mean_staleness) == (1, 0, 2, 0.0)
+    assert core.current is v1 and len(core.buffer) == 0
+    for name in spec.parts:
+        mean = (120 * d1[name].astype(np.float64) + 40 * d2[name]) / 160
+        np.testing.assert_allclose(v1.parts[name], v0.parts[name] + mean, rtol=1e-6, atol=1e-7)
+    assert store.versions() == [0, 1]
+    assert store.load(1).digest == v1.digest
+    assert core.status()["accepted"] == 2 and core.status()["devices"] == 2
+
+
+def test_stale_update_is_damped_and_learning_rate_applied(
+        tmp_path: Path, spec: ModelSpec, store: ModelStore) -> None:
+    core = HubCore(hub_config(tmp_path, learning_rate=0.5), spec, store)
+    advance(core, spec, 1)
+    v1 = core.current
+    fresh, stale = delta(spec, 11), delta(spec, 12)
+    send(core, spec, device="a", seq=0, base=1, parts=fresh, num_samples=30)
+    accepted = send(core, spec, device="b", seq=0, base=0, parts=stale, num_samples=70)
+    assert accepted.staleness == 1
+    assert accepted.weight == pytest.approx(70 * 2 ** -0.5)
+    v2 = core.next_version()
+    assert v2.mean_staleness == 0.5
+    for name in spec.parts:
+        mean = (30 * fresh[name].astype(np.float64) + 70 * 2 ** -0.5 * stale[name]) / 100
+        np.testing.assert_allclose(v2.parts[name], v1.parts[name] + 0.5 * mean,
+                                   rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- rejections
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda spec: (topic("dev-2"), payload(spec, device="dev-1")), "device-mismatch"),
+    (lambda spec: (topic("dev-1"), payload(spec, model="har-cnn")), "wrong-model"),
+    (lambda spec: (topic("dev-1"), payload(spec, parts={"body": np.zeros(8288, np.float32)})),
+     "wrong-shape"),
+    (lambda spec: (topic("dev-1"), payload(spec, parts={
+        "body": np.zeros(8288, np.float32), "head": np.zeros(197, np.float32)})), "wrong-shape"),
+    (lambda spec: (topic("dev-1"), payload(spec, parts={
+        **delta(spec, 0), "tail": np.zeros(1, np.float32)})), "wrong-shape"),
+    (lambda spec: (topic("dev-1"), payload(spec, base=1)), "future-base"),
+    (lambda spec: (topic("dev-1"), b"\xffgarbage"), "not-cbor"),
+    (lambda spec: (topic("dev-1"), payload(spec)[:-7]), "not-cbor"),
+    (lambda spec: (topic("dev-1"), b"\xa0"), "bad-keys"),
+    (lambda spec: (topic("dev-1"), b"\0" * 200001), "too-large"),
+], ids=["device-mismatch", "wrong-model", "missing-part", "short-part", "extra-part",
+        "future-base", "garbage", "truncated", "empty-map", "too-large"])
+def test_rejections_are_counted_and_change_nothing(
+        core: HubCore, spec: ModelSpec, make: Any, reason: str) -> None:
+    send(core, spec, device="other", seq=0, seed=5)
+    before = buffer_state(core)
+    where, body = make(spec)
+    with pytest.raises(Rejected) as info:
+        core.receive(where, body, now=0.0)
+    assert info.value.reason == reason
+    assert core.rejected == {reason: 1}
+    assert core.accepted == 1
+    assert buffer_state(core) == before
+    assert "dev-1" not in core.last_seq and "dev-2" not in core.last_seq
+    assert core.status()["rejected"] == {reason: 1}
+
+
+def test_duplicate_and_replayed_seq(core: HubCore, spec: ModelSpec) -> None:
+    send(core, spec, device="dev-1", seq=5)
+    before = buffer_state(core)
+    for seq in (5, 4, 0):
+        with pytest.raises(Rejected) as info:
+            send(core, spec, device="dev-1", seq=seq)
+        assert info.value.reason == "duplicate"
+    assert core.rejected == {"duplicate": 3}
+    assert buffer_state(core) == before
+    # Another device may use the same sequence numbers.
+    send(core, spec, device="dev-2", seq=5)
+    assert core.accepted == 2
+
+
+def test_too_stale_after_advancing(core: HubCore, spec: ModelSpec) -> None:
+    advance(core, spec, 2)
+    assert core.current.version == 2
+    assert send(core, spec, device="d", seq=0, base=0).staleness == 2  # max_staleness: kept
+    advance(core, spec, 1)
+    assert core.current.version == 3
+    before = buffer_state(core)
+    with pytest.raises(Rejected) as info:
+        send(core, spec, device="d", seq=1, base=0)
+    assert info.value.reason == "too-stale"
+    assert core.rejected == {"too-stale": 1}
+    assert buffer_state(core) == before
+
+
+def test_rejected_update_does_not_burn_its_seq(core: HubCore, spec: ModelSpec) -> None:
+    with pytest.raises(Rejected, match="future-base"):
+        send(core, spec, device="dev-1", seq=3, base=9)
+    assert send(core, spec, device="dev-1", seq=3, base=0).seq == 3
+
+
+def test_rejected_updates_leave_the_next_version_unchanged(
+        tmp_path: Path, spec: ModelSpec) -> None:
+    """Same accepted updates, with or without rejected ones between: same version."""
+    digests = []
+    for run, noisy in enumerate((False, True)):
+        core = HubCore(hub_config(tmp_path / str(run)), spec, ModelStore(tmp_path / f"m{run}"))
+        send(core, spec, device="a", seq=0, seed=21, num_samples=10)
+        if noisy:
+            for bad in (dict(device="a", seq=0, seed=99), dict(device="b", base=7, seed=98),
+                        dict(device="b", model="nope", seed=97)):
+                with pytest.raises(Rejected):
+                    send(core, spec, **bad)
+        send(core, spec, device="b", seq=0, seed=22, num_samples=30)
+        digests.append(core.next_version().digest)
+    assert digests[0] == digests[1]
+
+
+# -------------------------------------------------------------------- restart
+
+
+def test_restart_resumes_at_the_latest_version(
+        core: HubCore, config: HubConfig, spec: ModelSpec, store: ModelStore) -> None:
+    advance(core, spec, 3)
+    latest = core.current
+    again = HubCore(config, spec, ModelStore(store.directory))
+    assert again.current.version == 3
+    assert again.current.digest == latest.digest
+    assert again.current.parent == 2
+    assert store.versions() == [0, 1, 2, 3]
+    for name in spec.parts:
+        assert again.current.parts[name].tobytes() == latest.parts[name].tobytes()
+    # It goes on from there, not from version 0.
+    advance(again, spec, 1, device="after")
+    assert again.current.version == 4 and store.versions()[-1] == 4
+
+
+def test_restart_over_version_zero_only(core: HubCore, config: HubConfig, spec: ModelSpec,
+                                        store: ModelStore) -> None:
+    again = HubCore(config, spec, store)
+    assert again.current.version == 0 and again.current.digest == core.current.digest
+    assert store.versions() == [0]
+
+
+@pytest.mark.xfail(strict=True, reason="HubCore.next_version applies any finite delta without "
+                   "checking the result: finite deltas near float32 max overflow the weights to "
+                   "inf, the version is stored and published, and the store can no longer be "
+                   "loaded (GlobalModel.decode: non-finite), so the hub cannot restart")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_overflowing_updates_never_make_an_unloadable_version(
+        core: HubCore, config: HubConfig, spec: ModelSpec, store: ModelStore) -> None:
+    huge = {name: np.full(n, np.finfo(np.float32).max, np.float32)
+            for name, n in spec.parts.items()}
+    seq = 0
+    for _ in range(2):
+        for _ in range(2):
+            with contextlib.suppress(Rejected):
+                send(core, spec, device="evil", seq=seq, base=core.current.version, parts=huge)
+            seq += 1
+        if core.buffer.ready(now=0.0):
+            core.next_version()
+    assert all(np.isfinite(p).all() for p in core.current.parts.values())
+    HubCore(config, spec, ModelStore(store.directory))  # restarts
