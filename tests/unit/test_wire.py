@@ -201,10 +201,13 @@ def test_unknown_format(fmt: Any) -> None:
 
 @pytest.mark.xfail(strict=True, reason="ModelUpdate.decode/GlobalModel.decode compare "
                    "format with `!=` only, so the float 1.0 (== 1) passes the exact-type check")
-@pytest.mark.parametrize("decode", [ModelUpdate.decode, GlobalModel.decode])
-def test_float_format_number_is_unknown(decode: Any) -> None:
-    obj = raw_update(format=1.0) if decode is ModelUpdate.decode else raw_model(format=1.0)
-    assert reason_of(cbor2.dumps(obj), decode) == "unknown-format"
+@pytest.mark.parametrize("decode", ["update", "model"])
+def test_float_format_number_is_unknown(decode: str) -> None:
+    if decode == "update":
+        assert reason_of(cbor2.dumps(raw_update(format=1.0))) == "unknown-format"
+    else:
+        payload = cbor2.dumps(raw_model(format=1.0))
+        assert reason_of(payload, GlobalModel.decode) == "unknown-format"
 
 
 @pytest.mark.parametrize("codec", ["float16", "FLOAT32", "", None, 32])
