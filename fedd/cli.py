@@ -12,11 +12,14 @@ from pathlib import Path
 
 from fedd import __version__
 from fedd.config import ConfigError, load_agent_config, load_config, load_hub_config
+from fedd.datasets.hapt import DatasetError
+from fedd.model import ModelError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NO_STATUS = 3
+EXIT_DATA = 65  # sysexits EX_DATAERR: the model or the dataset is missing or corrupt
 
 DEFAULT_AGENT_CONFIG = "/etc/fedd/fedd.yaml"
 DEFAULT_HUB_CONFIG = "/etc/fedd/hub.yaml"
@@ -159,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         return _config_error(exc)
+    except (ModelError, DatasetError) as exc:
+        print(f"fedd: {exc}", file=sys.stderr)
+        return EXIT_DATA
     except KeyboardInterrupt:
         return EXIT_FAILURE
 

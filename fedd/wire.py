@@ -11,6 +11,7 @@ normative description of what is here.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -38,6 +39,10 @@ class WireError(ValueError):
         self.detail = detail
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = obj[key]
     # bool is an int subclass; a true/false where a number belongs is an error.
@@ -50,23 +55,25 @@ def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> A
 
 def _count(obj: Mapping[str, Any], key: str, *, minimum: int = 0) -> int:
     value = _field(obj, key, int)
-    if not minimum <= value < 2**63:
+    if not minimum <= value < 2**63:  # also bounds CBOR bignums
         raise WireError("bad-field", f"{key}={value} out of range")
     return value
 
 
 def _identifier(obj: Mapping[str, Any], key: str) -> str:
     value = _field(obj, key, str)
-    if not IDENTIFIER.match(value):
+    if not IDENTIFIER.fullmatch(value):
         raise WireError("bad-field", f"{key}={value!r} is not an identifier")
     return value
 
 
 def _finite(obj: Mapping[str, Any], key: str) -> float:
-    value = float(_field(obj, key, (int, float)))
+    value = _field(obj, key, (int, float))
+    if _is_int(value) and abs(value) > 2**53:  # a CBOR bignum would overflow float
+        raise WireError("bad-field", f"{key} is out of range")
     if not math.isfinite(value):
         raise WireError("bad-field", f"{key} is not finite")
-    return value
+    return float(value)
 
 
 def _exact_keys(obj: Any, expected: set[str], what: str) -> dict[str, Any]:
@@ -83,13 +90,27 @@ def _exact_keys(obj: Any, expected: set[str], what: str) -> dict[str, Any]:
     return obj
 
 
-def _load_cbor(payload: bytes, max_bytes: int, what: str) -> Any:
+def _load_cbor(payload: bytes, max_bytes: int, what: str, keys: set[str]) -> dict[str, Any]:
+    """One definite-length CBOR map, no duplicate keys, nothing after it.
+
+    The format number is checked before the key set, so a message of a
+    future format is reported as such rather than as unknown keys.
+    """
     if len(payload) > max_bytes:
         raise WireError("too-large", f"{what} of {len(payload)} bytes exceeds {max_bytes}")
+    stream = io.BytesIO(payload)
     try:
-        return cbor2.loads(payload)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        obj = cbor2.CBORDecoder(stream, allow_duplicate_keys=False, allow_indefinite=False,
+                                max_depth=4).decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError,
+            EOFError) as exc:
         raise WireError("not-cbor", f"{what}: {exc}") from None
+    if stream.tell() != len(payload):
+        raise WireError("not-cbor", f"{what}: {len(payload) - stream.tell()} bytes after the map")
+    if isinstance(obj, dict) and "format" in obj and (
+            not _is_int(obj["format"]) or obj["format"] != FORMAT):
+        raise WireError("unknown-format", f"{what} format {obj['format']!r}")
+    return _exact_keys(obj, keys, what)
 
 
 def encode_parts(parts: Mapping[str, np.ndarray]) -> dict[str, bytes]:
@@ -106,7 +127,7 @@ def decode_parts(raw: Any) -> dict[str, np.ndarray]:
         raise WireError("bad-parts", f"{len(raw)} parts exceed {MAX_PARTS}")
     parts = {}
     for name, blob in raw.items():
-        if not isinstance(name, str) or not IDENTIFIER.match(name):
+        if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
             raise WireError("bad-parts", f"part name {name!r} is not an identifier")
         if not isinstance(blob, bytes) or len(blob) % 4 or len(blob) // 4 > MAX_PART_VALUES:
             raise WireError("bad-parts", f"part {name} is not a float32 vector")
@@ -151,9 +172,7 @@ class ModelUpdate:
 
     @classmethod
     def decode(cls, payload: bytes, *, max_bytes: int) -> ModelUpdate:
-        obj = _exact_keys(_load_cbor(payload, max_bytes, "update"), cls.KEYS, "update")
-        if obj["format"] != FORMAT or isinstance(obj["format"], bool):
-            raise WireError("unknown-format", f"update format {obj['format']!r}")
+        obj = _load_cbor(payload, max_bytes, "update", cls.KEYS)
         if obj["codec"] != CODEC_FLOAT32:
             raise WireError("unknown-codec", f"codec {obj['codec']!r}")
         return cls(device=_identifier(obj, "device"), seq=_count(obj, "seq"),
@@ -192,9 +211,7 @@ class GlobalModel:
 
     @classmethod
     def decode(cls, payload: bytes, *, max_bytes: int) -> GlobalModel:
-        obj = _exact_keys(_load_cbor(payload, max_bytes, "model"), cls.KEYS, "model")
-        if obj["format"] != FORMAT or isinstance(obj["format"], bool):
-            raise WireError("unknown-format", f"model format {obj['format']!r}")
+        obj = _load_cbor(payload, max_bytes, "model", cls.KEYS)
         parent = None if obj["parent"] is None else _count(obj, "parent")
         sha = _field(obj, "model_sha256", str)
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
@@ -248,8 +265,8 @@ class Heartbeat:
             raise WireError("too-large", f"heartbeat of {len(payload)} bytes")
         try:
             obj = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WireError("not-json", str(exc)) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise WireError("not-json", str(exc) or type(exc).__name__) from None
         return _from_json(cls, obj, "heartbeat")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ MAX_MODEL_BYTES = 64 * 1024 * 1024
 MAX_OUTBOX = 16
 RETENTION_EVERY = 64
 DELEGATE = "xnnpack"
+REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 
 
 class _Stopping(Exception):
@@ -67,7 +69,8 @@ class Agent:
         self.holdout = None if holdout is None else (
             window_features(holdout[0], config.sensor.rate_hz), holdout[1].astype(np.int32))
         self.started = time.monotonic()
-        self.activity = "starting"
+        self.training_now = False
+        self.stream_ended = False
         self.decision = "waiting for the global model"
         self.evaluation: Scores | None = None
         self.last_update: dict[str, object] | None = self.store.get("last_update")
@@ -80,6 +83,12 @@ class Agent:
         self._wake_publisher = asyncio.Event()
         self._link: Link | None = None
 
+    @property
+    def activity(self) -> str:
+        if self.training_now:
+            return "training"
+        return "stream ended" if self.stream_ended else "sampling"
+
     # lifecycle
 
     def reload(self, config: AgentConfig) -> None:
@@ -89,8 +98,7 @@ class Agent:
         if changed:
             log.warning("reload: %s change(s) need a restart; applying the rest",
                         ", ".join(changed))
-            config = type(config)(**{**config.__dict__,
-                                     **{k: getattr(self.config, k) for k in changed}})
+            config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in changed})
         self.config = config
         self.learner.training = config.training
         logging.getLogger().setLevel(config.log_level.upper())
@@ -139,7 +147,6 @@ class Agent:
     # sampler
 
     async def _sample(self) -> None:
-        self.activity = "sampling"
         rate = self.config.sensor.rate_hz
         since_retention = 0
         async for chunk in self.source.chunks(int(self.store.get("sensor_cursor", 0))):
@@ -155,7 +162,7 @@ class Agent:
                                              max_age_s=self.config.store.max_age_h * 3600)
                 since_retention = 0
             self._wake_trainer.set()
-        self.activity = "stream ended"
+        self.stream_ended = True
         log.info("sensor stream ended")
 
     # listener
@@ -167,6 +174,9 @@ class Agent:
                 model = GlobalModel.decode(message.payload, max_bytes=MAX_MODEL_BYTES)
             except WireError as exc:
                 log.warning("ignored a global model message: %s", exc)
+                continue
+            except Exception:  # a decoder bug must cost one message, never the agent
+                log.exception("internal error decoding a global model message; ignored it")
                 continue
             if model.version == self.learner.version:
                 continue
@@ -233,11 +243,11 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_trainer.wait(), wait_s)
                 continue
-            self.activity = "training"
+            self.training_now = True
             try:
                 await self._in_worker(self._local_round)
             finally:
-                self.activity = "sampling" if self.activity == "training" else self.activity
+                self.training_now = False
             self._wake_publisher.set()
 
     def _local_round(self) -> None:
@@ -299,14 +309,17 @@ class Agent:
         assert self._link is not None
         status_topic = topics.status(self.config.fleet, self.config.device_id)
         announced = 0
+        next_beat = 0.0
         while True:
             if self._link.connected.is_set() and announced != self._link.connections:
                 with contextlib.suppress(LinkDown, PublishRejected):
                     await self._link.publish(status_topic, Status(
                         self.config.device_id, "online", time.time()).encode(), retain=True)
                     announced = self._link.connections
-            await self._heartbeat()
-            await asyncio.sleep(self.config.heartbeat.interval_s)
+            if time.monotonic() >= next_beat:
+                await self._heartbeat()
+                next_beat = time.monotonic() + self.config.heartbeat.interval_s
+            await asyncio.sleep(min(REPORT_TICK_S, self.config.heartbeat.interval_s))
 
     def heartbeat(self) -> Heartbeat:
         evaluation = None if self.evaluation is None else Evaluation(

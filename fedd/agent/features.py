@@ -27,6 +27,8 @@ def window_features(windows: np.ndarray, rate_hz: float = 50.0) -> np.ndarray:
     """Return (n, 96) float32 features for (n, size, 6) windows."""
     if windows.ndim != 3 or windows.shape[2] != 6:
         raise ValueError(f"expected windows of shape (n, size, 6), got {windows.shape}")
+    if not len(windows):
+        return np.zeros((0, 8 * NUM_STATS), np.float32)
     x = _channels(windows.astype(np.float64, copy=False))
     mean = x.mean(axis=2)
     centred = x - mean[..., None]

@@ -121,7 +121,8 @@ def load_stream(path: str | Path) -> PersonData:
             holdout_windows, holdout_labels = f["holdout_windows"], f["holdout_labels"]
         except KeyError as exc:
             raise ValueError(f"{path}: not a replay stream file: {exc}") from None
-    if samples.ndim != 2 or len(samples) != len(labels) or lengths.sum() != len(samples):
+    if (samples.ndim != 2 or len(samples) != len(labels) or (lengths <= 0).any()
+            or lengths.sum() != len(samples)):
         raise ValueError(f"{path}: samples, labels and segment_lengths disagree")
     if holdout_windows.ndim != 3 or len(holdout_windows) != len(holdout_labels):
         raise ValueError(f"{path}: holdout windows and labels disagree")

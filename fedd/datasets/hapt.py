@@ -122,7 +122,10 @@ def _frame_columns(frame: _Kept) -> dict[str, np.ndarray]:
 
 
 def _read_verified(path: Path) -> bytes:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read HAPT data {path}: {exc.strerror}") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != SHA256:
         raise DatasetError(f"{path}: sha256 {digest} is not the expected {SHA256}")

@@ -38,7 +38,7 @@ FINAL_GRACE_S = 10.0
 @dataclass(frozen=True, kw_only=True)
 class FleetOptions:
     devices: int = 10
-    versions: int = 40
+    versions: int = 60
     timeout_s: float = 600.0
     speed: float = 50.0
     out: Path = Path("runs/fleet")

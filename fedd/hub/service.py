@@ -9,6 +9,7 @@ history, and folded into the buffer or rejected with a counted reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedd import topics
 from fedd.config import AggregationConfig, HubConfig
@@ -118,6 +121,10 @@ class HubCore:
         flushed = self.buffer.flush()
         parts = apply_delta(self.current.parts, flushed.delta,
                             self.config.aggregation.server_learning_rate)
+        if not all(np.isfinite(values).all() for values in parts.values()):
+            self.rejected["non-finite-result"] += flushed.contributors
+            raise Rejected("non-finite-result",
+                           f"{flushed.contributors} updates would overflow the weights")
         model = GlobalModel(version=self.current.version + 1, parent=self.current.version,
                             model=self.spec.name, model_sha256=self.spec.sha256,
                             created=time.time(), contributors=flushed.contributors,
@@ -148,12 +155,16 @@ class HubService:
         self._status_dirty = True
 
     def reload(self, config: HubConfig) -> None:
-        if (config.broker, config.fleet, config.share_group, config.model) != (
-                self.config.broker, self.config.fleet, self.config.share_group,
-                self.config.model):
-            log.warning("reload: broker, fleet, share_group and model changes need a restart")
+        """Apply aggregation, limits and log level; the rest needs a restart."""
+        fixed = ("fleet", "state_dir", "share_group", "broker", "model")
+        changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
+        if changed:
+            log.warning("reload: %s change(s) need a restart; applying the rest",
+                        ", ".join(changed))
+            config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in changed})
         self.core.reconfigure(config)
         self.config = config
+        logging.getLogger().setLevel(config.log_level.upper())
         log.info("reloaded configuration")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -169,7 +180,11 @@ class HubService:
                 if message is not None:
                     self._receive(message.topic, message.payload)
                 if self.core.buffer.ready():
-                    model = self.core.next_version()
+                    try:
+                        model = self.core.next_version()
+                    except Rejected as exc:
+                        log.error("dropped a buffer flush: %s", exc)
+                        continue
                     log.info("version %d: %d updates, mean staleness %.2f", model.version,
                              model.contributors, model.mean_staleness)
                     self.notifier.status(f"version {model.version}, "

@@ -82,9 +82,6 @@ def test_altered_copy_is_refused(tmp_path: Path, damage: str) -> None:
         hapt.load(copy)
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="hapt.load(path) reads an explicit path without catching OSError, "
-                   "though DatasetError is documented for a missing file")
 def test_missing_file_is_a_dataset_error(tmp_path: Path) -> None:
     with pytest.raises(hapt.DatasetError):
         hapt.load(tmp_path / "nope.pkl.gz")
@@ -262,8 +259,6 @@ def test_valid_synthetic_stream_loads(tmp_path: Path) -> None:
     assert [len(s.samples) for s in got.stream] == [100, 200]
 
 
-@pytest.mark.xfail(strict=True, reason="load_stream checks only that segment_lengths sum to "
-                   "the sample count: negative lengths pass and give overlapping segments")
 def test_negative_segment_lengths_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "neg.npz"
     np.savez(path, **{**_stream_arrays(), "segment_lengths": np.array([200, -100, 200])})

@@ -289,10 +289,6 @@ def test_restart_over_version_zero_only(core: HubCore, config: HubConfig, spec: 
     assert store.versions() == [0]
 
 
-@pytest.mark.xfail(strict=True, reason="HubCore.next_version applies any finite delta without "
-                   "checking the result: finite deltas near float32 max overflow the weights to "
-                   "inf, the version is stored and published, and the store can no longer be "
-                   "loaded (GlobalModel.decode: non-finite), so the hub cannot restart")
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_overflowing_updates_never_make_an_unloadable_version(
         core: HubCore, config: HubConfig, spec: ModelSpec, store: ModelStore) -> None:
@@ -305,6 +301,7 @@ def test_overflowing_updates_never_make_an_unloadable_version(
                 send(core, spec, device="evil", seq=seq, base=core.current.version, parts=huge)
             seq += 1
         if core.buffer.ready(now=0.0):
-            core.next_version()
+            with contextlib.suppress(Rejected):
+                core.next_version()
     assert all(np.isfinite(p).all() for p in core.current.parts.values())
     HubCore(config, spec, ModelStore(store.directory))  # restarts
