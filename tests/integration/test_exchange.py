@@ -1,0 +1,163 @@
+"""A real hub and real agents exchange updates through a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cbor2
+import numpy as np
+import pytest
+
+from fedd import topics
+from fedd.link import Message
+from fedd.model import ModelSpec
+from fedd.wire import GlobalModel, Heartbeat, ModelUpdate
+
+pytestmark = pytest.mark.integration
+
+MAX_MODEL_BYTES = 64 * 2**20
+TIMEOUT_S = 60.0
+
+
+def _stored(hub_state: Path, version: int) -> Path:
+    return hub_state / "models" / f"v{version:08d}.cbor"
+
+
+def _status_state(message: Message | None) -> str | None:
+    return None if message is None else json.loads(message.payload)["state"]
+
+
+def test_hub_and_agents_exchange_updates(broker, probe, fedd, agent_yaml, hub_yaml, tmp_path,
+                                         wait_for, status_of):
+    fleet = "exchange"
+    hub_state = tmp_path / "hub-state"
+    # K = 2 with a quorum of 1: one agent alone gets versions through the T rule,
+    # two agents through the K rule.
+    hub = fedd.hub("hub", hub_yaml(tmp_path / "hub.yaml", broker=broker, state_dir=hub_state,
+                                   fleet=fleet, aggregation={"buffer_size": 2, "quorum": 1,
+                                                             "max_wait_s": 1.0}))
+    first = probe.first(topics.model_current(fleet), what="the hub's version 0")
+    assert GlobalModel.decode(first.payload, max_bytes=MAX_MODEL_BYTES).version == 0
+    assert probe.retained(topics.model_current(fleet)) is not None, "version 0 is not retained"
+
+    agents = {}
+    for person, device in ((1, "dev-a"), (2, "dev-b")):
+        state = tmp_path / f"{device}-state"
+        config = agent_yaml(tmp_path / f"{device}.yaml", broker=broker, device_id=device,
+                            state_dir=state, fleet=fleet, person=person)
+        agents[device] = (fedd.agent(device, config), state)
+        process = agents[device][0]
+
+        status = wait_for(
+            lambda state=state: (s := status_of(state)) and s["model_version"] is not None
+            and s["model_version"] >= 1 and s["updates_sent"] >= 1 and s,
+            timeout=TIMEOUT_S, what=f"{device} to adopt a version >= 1 and send an update",
+            watch=[hub, process])
+        assert status["device"] == device
+        assert status["last_update"]["seq"] >= 0
+        hub_status = wait_for(
+            lambda: (s := status_of(hub_state)) and s["devices"] >= len(agents) and s,
+            timeout=TIMEOUT_S, what=f"the hub to accept updates from {len(agents)} device(s)",
+            watch=[hub])
+        assert hub_status["accepted"] >= len(agents)
+        assert hub_status["version"] >= 1
+        assert hub_status["rejected"] == {}
+
+        # The retained current model is exactly what the hub stored for that version.
+        current = probe.retained(topics.model_current(fleet))
+        assert current is not None, "no retained model/current"
+        model = GlobalModel.decode(current.payload, max_bytes=MAX_MODEL_BYTES)
+        assert model.version >= 1
+        assert model.parent == model.version - 1
+        assert model.contributors >= 1
+        assert _stored(hub_state, model.version).read_bytes() == current.payload
+
+        # Heartbeats decode strictly and describe this device.
+        beats = probe.collect([topics.heartbeat(fleet, device)], lambda ms: len(ms) >= 2,
+                              timeout=TIMEOUT_S, what=f"two heartbeats of {device}")
+        for message in beats:
+            beat = Heartbeat.decode(message.payload)
+            assert beat.device == device
+            assert beat.model_version is not None and beat.model_version >= 1
+            assert beat.windows > 0
+            assert beat.delegate
+
+        online = probe.retained(topics.status(fleet, device))
+        assert _status_state(online) == "online"
+
+    assert all(p.alive() for p, _ in agents.values())
+    assert hub.alive()
+    for device, (process, state) in agents.items():
+        assert process.terminate() == 0, process.tail()
+        assert "stopped cleanly" in process.log()
+        offline = probe.retained(topics.status(fleet, device))
+        assert _status_state(offline) == "offline"
+        assert status_of(state)["updates_sent"] >= 1
+
+    final = status_of(hub_state)
+    assert final["devices"] == 2
+    # Every stored version decodes and chains to its parent.
+    versions = sorted(int(p.stem[1:]) for p in (hub_state / "models").glob("v*.cbor"))
+    assert versions == list(range(len(versions))) and versions[-1] >= 2
+    assert hub.terminate() == 0, hub.tail()
+
+
+def _update(spec: ModelSpec, *, device: str, seq: int, base_version: int,
+            parts: dict[str, np.ndarray] | None = None) -> bytes:
+    parts = parts if parts is not None else {
+        name: np.full(size, 1e-3, np.float32) for name, size in spec.parts.items()}
+    return ModelUpdate(device=device, seq=seq, base_version=base_version, model=spec.name,
+                       num_samples=10, parts=parts, created=1.0).encode()
+
+
+def test_malformed_updates_are_counted_and_the_hub_keeps_folding(
+        broker, probe, fedd, hub_yaml, manifest_path, tmp_path, wait_for, status_of):
+    fleet = "malformed"
+    hub_state = tmp_path / "hub-state"
+    hub = fedd.hub("hub", hub_yaml(tmp_path / "hub.yaml", broker=broker, state_dir=hub_state,
+                                   fleet=fleet, limits={"max_update_bytes": 65536}))
+    probe.first(topics.model_current(fleet), what="the hub's retained version 0")
+    spec = ModelSpec.from_manifest(manifest_path, "har-mlp")
+    topic = topics.update(fleet, "probe-1")
+
+    bad = {
+        "not-cbor": b"\xff\xfe this is not CBOR",
+        "not-a-map": cbor2.dumps([1, 2, 3]),
+        "bad-keys": cbor2.dumps({"format": 1, "device": "probe-1"}),
+        "too-large": b"\x00" * 70000,
+        "wrong-shape": _update(spec, device="probe-1", seq=0, base_version=0,
+                               parts={"body": np.zeros(3, np.float32)}),
+        "device-mismatch": _update(spec, device="someone-else", seq=0, base_version=0),
+        "future-base": _update(spec, device="probe-1", seq=0, base_version=7),
+    }
+    valid = _update(spec, device="probe-1", seq=0, base_version=0)
+    # One session, QoS 1: the hub sees them in this order, the valid one last.
+    probe.publish(*((topic, payload) for payload in bad.values()), (topic, valid))
+
+    status = wait_for(lambda: (s := status_of(hub_state)) and s["accepted"] >= 1 and s,
+                      timeout=TIMEOUT_S, what="the valid update after the bad ones",
+                      watch=[hub])
+    assert status["rejected"] == dict.fromkeys(bad, 1)
+    assert status["accepted"] == 1
+    model = GlobalModel.decode(
+        probe.first(topics.model_current(fleet),
+                    lambda m: GlobalModel.decode(m.payload, max_bytes=MAX_MODEL_BYTES).version
+                    >= 1, what="version 1").payload, max_bytes=MAX_MODEL_BYTES)
+    assert (model.version, model.contributors) == (1, 1)
+    assert np.allclose(model.parts["body"] - GlobalModel.decode(
+        _stored(hub_state, 0).read_bytes(), max_bytes=MAX_MODEL_BYTES).parts["body"], 1e-3,
+        atol=1e-6)
+    for reason in bad:
+        assert reason in hub.log(), f"the hub did not log the {reason} rejection"
+
+    # A replay of the same update is a duplicate; the next seq is folded again.
+    probe.publish((topic, valid), (topic, _update(spec, device="probe-1", seq=1,
+                                                  base_version=1)))
+    status = wait_for(lambda: (s := status_of(hub_state)) and s["accepted"] >= 2 and s,
+                      timeout=TIMEOUT_S, what="the second valid update", watch=[hub])
+    assert status["rejected"] == {**dict.fromkeys(bad, 1), "duplicate": 1}
+    assert status["version"] == 2
+    assert hub.alive()
+    assert "Traceback" not in hub.log()
+    assert hub.terminate() == 0, hub.tail()

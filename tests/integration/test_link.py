@@ -1,0 +1,124 @@
+"""fedd.link against a real Mosquitto: the acknowledgement contract of publish."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import pytest
+
+from fedd.fleet.broker import Mosquitto
+from fedd.link import Link, LinkDown
+
+pytestmark = pytest.mark.integration
+
+MQTT_MID_SPACE = 65535  # packet identifiers 1..65535, then paho wraps to 1
+
+
+@contextmanager
+def frozen(broker: Mosquitto) -> Iterator[None]:
+    """SIGSTOP the broker: connections stay open but nothing is acknowledged."""
+    conf = str(broker.folder / "mosquitto.conf")
+    (process,) = [p for p in psutil.process_iter(["cmdline"])
+                  if p.info["cmdline"] and conf in p.info["cmdline"]]
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
+def test_publish_waits_for_the_brokers_acknowledgement(broker):
+    async def main() -> None:
+        async with Link(host=broker.host, port=broker.port, client_id="ack-probe") as link:
+            await link.wait_connected(10)
+            await link.publish("fedd/test/ack", b"acknowledged", qos=1, timeout=10)
+            with frozen(broker), pytest.raises(LinkDown):
+                await link.publish("fedd/test/ack", b"never acknowledged", qos=1, timeout=1.0)
+
+    asyncio.run(main())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fedd/link.py: Link._on_publish records every QoS 0 publish in self._early (paho calls "
+    "on_publish for QoS 0 too) and nothing removes it; once paho's message ids wrap after "
+    "65535 publishes, a QoS 1 publish that reuses such an id pops the stale entry and "
+    "returns as acknowledged without any PUBACK, so the agent deletes an update from its "
+    "durable outbox that the broker never took"))
+def test_qos1_is_not_acknowledged_by_a_stale_qos0_entry_after_ids_wrap(broker):
+    async def main() -> None:
+        async with Link(host=broker.host, port=broker.port, client_id="wrap-probe") as link:
+            await link.wait_connected(10)
+            # Heartbeats are QoS 0: a long-lived agent sends this many in time.
+            for _ in range(MQTT_MID_SPACE):
+                await link.publish("fedd/test/heartbeat", b"beat", qos=0)
+            await link.publish("fedd/test/ack", b"flush", qos=1, timeout=10)
+            with frozen(broker), pytest.raises(LinkDown):
+                for _ in range(3):  # the ids right after the wrap
+                    await link.publish("fedd/test/ack", b"update", qos=1, timeout=1.0)
+
+    asyncio.run(main())
+
+
+# Two tasks publishing QoS 1 on one Link, as the agent's publisher (updates) and
+# reporter (the retained "online" after a reconnect) do. Run in a child process:
+# a deadlock there cannot hang the test run, and a thread in the child reports a
+# stall (no publish completing for seconds on a local broker) instead of waiting.
+CONCURRENT_PUBLISHERS = textwrap.dedent("""
+    import asyncio, os, sys, threading, time
+    from fedd.link import Link
+
+    PORT, TASKS, EACH = int(sys.argv[1]), 3, 3000
+    done = [0] * TASKS
+
+    def watchdog():
+        last, since = -1, time.monotonic()
+        while True:
+            time.sleep(0.25)
+            total = sum(done)
+            if total != last:
+                last, since = total, time.monotonic()
+            elif time.monotonic() - since > 3:
+                print(f"stalled after {total} acknowledged publishes", flush=True)
+                os._exit(3)
+
+    async def main():
+        async with Link(host="127.0.0.1", port=PORT, client_id="concurrent") as link:
+            await link.wait_connected(10)
+
+            async def publisher(i):
+                for _ in range(EACH):
+                    await link.publish(f"fedd/test/concurrent/{i}", b"x" * 100, qos=1,
+                                       timeout=10)
+                    done[i] += 1
+
+            await asyncio.gather(*(publisher(i) for i in range(TASKS)))
+        print("published", sum(done), flush=True)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fedd/link.py: lock-order inversion between Link._lock and paho's _out_message_mutex: "
+    "Link.publish holds self._lock while paho's publish() takes _out_message_mutex, and "
+    "paho's network thread holds _out_message_mutex in _handle_pubackcomp while "
+    "Link._on_publish takes self._lock; two overlapping QoS 1 publishes deadlock the event "
+    "loop and the network thread (and loop_stop() then hangs on SIGTERM)"))
+def test_concurrent_qos1_publishes_do_not_deadlock(broker):
+    try:
+        result = subprocess.run([sys.executable, "-c", CONCURRENT_PUBLISHERS, str(broker.port)],
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1"}, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the concurrent publishers neither finished nor reported a stall")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "published 9000" in result.stdout
