@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,6 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
+
+EARLY_REPORT_TTL_S = 30.0
 
 
 class LinkError(Exception):
@@ -89,8 +92,8 @@ class Link:
         self._client.on_publish = self._on_publish
         self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
         self._lock = threading.RLock()
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early: dict[int, ReasonCode] = {}
+        self._pending: dict[int, asyncio.Future[None] | None] = {}  # None: QoS 0
+        self._early: dict[int, tuple[ReasonCode, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = asyncio.Event()
         self.connections = 0  # bumps on every (re)connect, to re-announce retained state
@@ -114,23 +117,28 @@ class Link:
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       timeout: float = 30.0) -> None:
-        """Publish and, for QoS 1, wait for the broker's PUBACK."""
+        """Publish and, for QoS 1, wait for the broker's PUBACK.
+
+        paho may report a message published before `publish()` has even
+        returned its id, so each report is matched to its publish either way
+        round (`_pending` or `_early`). Our lock is never held while calling
+        into paho: its network thread holds paho's own lock when it calls us.
+        """
         if not self.connected.is_set():
             raise LinkDown("not connected")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future = asyncio.get_running_loop().create_future() if qos else None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise LinkDown(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         with self._lock:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise LinkDown(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-            if qos == 0:
-                return
             early = self._early.pop(info.mid, None)
             if early is None:
                 self._pending[info.mid] = future
+        if future is None:
+            return  # QoS 0: its report only needs consuming, done either way round
         try:
             if early is not None:
-                self._check_ack(topic, early)
+                self._check_ack(topic, early[0])
                 return
             await asyncio.wait_for(future, timeout)
         except PublishRejected as exc:
@@ -177,12 +185,19 @@ class Link:
 
     def _on_publish(self, _client: mqtt.Client, _userdata: object, mid: int,
                     reason: ReasonCode, _props: object) -> None:
+        now = time.monotonic()
         with self._lock:
-            future = self._pending.pop(mid, None)
-            if future is None:
-                self._early[mid] = reason
+            if mid not in self._pending:
+                # Either publish() has not registered `mid` yet, or this is a
+                # resend from before a disconnect whose caller already gave up;
+                # the latter must not linger until message ids wrap around.
+                self._early = {m: e for m, e in self._early.items()
+                               if now - e[1] < EARLY_REPORT_TTL_S}
+                self._early[mid] = (reason, now)
                 return
-        self._call(self._resolve, future, reason)
+            future = self._pending.pop(mid)
+        if future is not None:
+            self._call(self._resolve, future, reason)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object,
                     msg: mqtt.MQTTMessage) -> None:
@@ -212,7 +227,7 @@ class Link:
         with self._lock:
             pending, self._pending = self._pending, {}
         for future in pending.values():
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(error)
 
     def _enqueue(self, message: Message) -> None:

@@ -82,6 +82,7 @@ class Agent:
         self._wake_trainer = asyncio.Event()
         self._wake_publisher = asyncio.Event()
         self._link: Link | None = None
+        self._job: asyncio.Future[object] | None = None
 
     @property
     def activity(self) -> str:
@@ -130,6 +131,10 @@ class Agent:
                 await link.publish(status_topic, Status(cfg.device_id, "offline",
                                                         time.time()).encode(),
                                    retain=True, timeout=2.0)
+        if self._job is not None and not self._job.done():
+            log.info("waiting for the running model job to finish")
+            with contextlib.suppress(Exception):
+                await self._job
         self._write_status()
         self.store.close()
         log.info("agent %s stopped cleanly", cfg.device_id)
@@ -140,9 +145,14 @@ class Agent:
         raise _Stopping
 
     async def _in_worker(self, fn: Callable[..., object], *args: object) -> object:
-        """Run model work in a thread, one job at a time."""
+        """Run model work in a thread, one job at a time.
+
+        The job is shielded: a stop request cancels the waiting, not the
+        thread, and `run` lets the job finish before it closes the store.
+        """
         async with self._model_lock:
-            return await asyncio.to_thread(fn, *args)
+            self._job = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            return await asyncio.shield(self._job)
 
     # sampler
 
@@ -204,16 +214,17 @@ class Agent:
             return
         self.learner.fit_scaler(features)
         self.learner.personalize(features, labels)
-        self._save_personal()
+        self.store.put(**self._personal_state())
         if self.holdout is not None:
             self.evaluation = self.learner.evaluate(*self.holdout)
 
-    def _save_personal(self) -> None:
+    def _personal_state(self) -> dict[str, np.ndarray]:
+        """What makes this device's model its own, as stored between runs."""
         learner = self.learner
         assert learner.personal_head is not None and learner.mean is not None
         assert learner.scale is not None
-        self.store.put(personal_head=learner.personal_head, feature_mean=learner.mean,
-                       feature_scale=learner.scale)
+        return {"personal_head": learner.personal_head, "feature_mean": learner.mean,
+                "feature_scale": learner.scale}
 
     # trainer
 
@@ -268,10 +279,9 @@ class Agent:
                             "loss_after": round(result.loss_after, 4),
                             "train_s": round(time.monotonic() - started, 4)}
         self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
-                           update.encode(), seq=seq)
-        self.store.put(next_seq=seq + 1, last_trained_version=result.base_version,
-                       last_update=self.last_update)
-        self._save_personal()
+                           update.encode(), seq=seq, state={
+                               "next_seq": seq + 1, "last_trained_version": result.base_version,
+                               "last_update": self.last_update, **self._personal_state()})
         self.last_trained_version = result.base_version
         self.last_round_at = time.monotonic()
         log.info("update %d queued: version %d, %d windows, loss %.3f → %.3f", seq,

@@ -121,11 +121,18 @@ class AgentStore:
 
     # outbox
 
-    def enqueue(self, topic: str, payload: bytes, *, seq: int) -> None:
-        """Queue an update durably; `seq` is its update sequence number."""
+    def enqueue(self, topic: str, payload: bytes, *, seq: int,
+                state: dict[str, Any] | None = None) -> None:
+        """Queue an update durably, with the state it advances (its next seq).
+
+        One transaction, so a crash can never queue an update without moving
+        the sequence on, nor the other way round.
+        """
         with self._transaction():
             self._db.execute("INSERT INTO outbox (seq, created, topic, payload) "
                              "VALUES (?, ?, ?, ?)", (seq, time.time(), topic, payload))
+            for key, value in (state or {}).items():
+                self._put(key, value)
 
     def oldest_outgoing(self) -> Outgoing | None:
         rows = self._query("SELECT seq, topic, payload FROM outbox ORDER BY seq LIMIT 1")

@@ -46,12 +46,6 @@ def test_publish_waits_for_the_brokers_acknowledgement(broker):
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fedd/link.py: Link._on_publish records every QoS 0 publish in self._early (paho calls "
-    "on_publish for QoS 0 too) and nothing removes it; once paho's message ids wrap after "
-    "65535 publishes, a QoS 1 publish that reuses such an id pops the stale entry and "
-    "returns as acknowledged without any PUBACK, so the agent deletes an update from its "
-    "durable outbox that the broker never took"))
 def test_qos1_is_not_acknowledged_by_a_stale_qos0_entry_after_ids_wrap(broker):
     async def main() -> None:
         async with Link(host=broker.host, port=broker.port, client_id="wrap-probe") as link:
@@ -107,12 +101,6 @@ CONCURRENT_PUBLISHERS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fedd/link.py: lock-order inversion between Link._lock and paho's _out_message_mutex: "
-    "Link.publish holds self._lock while paho's publish() takes _out_message_mutex, and "
-    "paho's network thread holds _out_message_mutex in _handle_pubackcomp while "
-    "Link._on_publish takes self._lock; two overlapping QoS 1 publishes deadlock the event "
-    "loop and the network thread (and loop_stop() then hangs on SIGTERM)"))
 def test_concurrent_qos1_publishes_do_not_deadlock(broker):
     try:
         result = subprocess.run([sys.executable, "-c", CONCURRENT_PUBLISHERS, str(broker.port)],
