@@ -24,10 +24,16 @@ log = logging.getLogger(__name__)
 
 
 class Notifier:
-    """sd_notify(3) messages; silent when not run by systemd."""
+    """sd_notify(3) messages; silent when not run by systemd.
+
+    The socket is made non-blocking: if the manager is not reading, a
+    message is dropped rather than freezing the daemon's event loop.
+    """
 
     def __init__(self) -> None:
         self._notifier = sdnotify.SystemdNotifier()
+        if self._notifier.socket is not None:
+            self._notifier.socket.setblocking(False)
         usec = os.environ.get("WATCHDOG_USEC", "")
         self.watchdog_interval_s = int(usec) / 2e6 if usec.isdigit() and int(usec) else None
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -432,7 +433,12 @@ def probe(broker: Mosquitto) -> MqttProbe:
 
 
 class NotifyListener:
-    """The receiving end of sd_notify(3): a unix datagram socket to put in NOTIFY_SOCKET."""
+    """The receiving end of sd_notify(3): a unix datagram socket to put in NOTIFY_SOCKET.
+
+    A thread drains it continuously, as systemd does: the kernel queues only
+    a few datagrams (net.unix.max_dgram_qlen), and the daemons drop what a
+    full queue will not take rather than block.
+    """
 
     MAX_PATH = 100  # sun_path holds 108 bytes
 
@@ -445,22 +451,31 @@ class NotifyListener:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.05)
         self.messages: list[str] = []
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._drain = threading.Thread(target=self._receive, name=f"notify-{name}", daemon=True)
+        self._drain.start()
 
     @property
     def env(self) -> dict[str, str]:
         return {"NOTIFY_SOCKET": str(self.path)}
 
-    def poll(self) -> list[str]:
-        """Drain the socket; returns every line received so far, in order."""
-        while True:
+    def _receive(self) -> None:
+        while not self._closing.is_set():
             try:
                 data = self.sock.recv(65536)
-            except BlockingIOError:
-                return self.messages
-            self.messages.extend(line for line in data.decode(errors="replace").split("\n")
-                                 if line)
+            except (TimeoutError, OSError):
+                continue
+            lines = [line for line in data.decode(errors="replace").split("\n") if line]
+            with self._lock:
+                self.messages.extend(lines)
+
+    def poll(self) -> list[str]:
+        """Every line received so far, in order."""
+        with self._lock:
+            return list(self.messages)
 
     def wait(self, predicate: Callable[[list[str]], bool], *, timeout: float, what: str,
              watch: Iterable[FeddProcess] = ()) -> list[str]:
@@ -468,6 +483,8 @@ class NotifyListener:
                           timeout=timeout, what=what, watch=watch)
 
     def close(self) -> None:
+        self._closing.set()
+        self._drain.join()
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

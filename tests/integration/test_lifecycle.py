@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -325,3 +327,25 @@ def test_version(fedd_cli):
     result = fedd_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"fedd {fedd.__version__}"
+
+
+def test_an_unread_notify_socket_never_blocks_the_agent(broker, fedd, tmp_path, agent_yaml,
+                                                        wait_for, status_of):
+    """A manager that stops reading must cost notifications, not the daemon's loop."""
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = Path(tempfile.mkdtemp(prefix="fedd-deaf-")) / "notify.sock"
+    deaf.bind(str(path))  # bound, never read: the kernel queue fills after a few datagrams
+    try:
+        state = tmp_path / "state"
+        agent = fedd.agent("deaf", agent_yaml(tmp_path / "agent.yaml", broker=broker,
+                                              device_id="deaf", state_dir=state),
+                           env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000"})
+        first = wait_for(lambda: status_of(state), timeout=TIMEOUT_S,
+                         what="the agent's first status", watch=[agent])
+        wait_for(lambda: (s := status_of(state)) and s["time"] > first["time"] + 2,
+                 timeout=TIMEOUT_S, what="the agent to keep reporting", watch=[agent])
+        assert agent.terminate() == 0
+    finally:
+        deaf.close()
+        path.unlink()
+        path.parent.rmdir()
