@@ -1,0 +1,74 @@
+"""Inference delegates (Edge TPU, Arm NN, vendor NPUs, GPU), tried in order.
+
+A delegate is named in the config as its shared library with optional
+options after `?`, e.g. `libedgetpu.so.1` or
+`libarmnnDelegate.so?backends=GpuAcc,CpuAcc&logging-severity=warning`.
+The first one that loads wins; a library that is missing or is not a
+delegate plugin is skipped with its reason, and with none left inference
+runs on the CPU with XNNPACK. Delegates only run inference: training always
+runs on the CPU (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+try:
+    from ai_edge_litert.interpreter import load_delegate
+except ImportError:  # pragma: no cover - older devices with only tflite-runtime
+    from tflite_runtime.interpreter import load_delegate
+
+CPU = "xnnpack"
+
+
+@dataclass(frozen=True)
+class DelegateChoice:
+    """The delegate inference got (`CPU` when none) and why the others failed."""
+
+    name: str
+    delegate: Any | None
+    failures: tuple[str, ...]
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`library?key=value&key=value` → (library, options)."""
+    library, _, query = spec.partition("?")
+    if not library:
+        raise ValueError(f"delegate {spec!r} names no library")
+    return library, dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+
+
+@contextlib.contextmanager
+def _quiet_failed_delegate() -> Iterator[None]:
+    """LiteRT's Delegate.__del__ raises AttributeError after a failed load: hide it."""
+    previous = sys.unraisablehook
+
+    def hook(info: Any) -> None:
+        if not (isinstance(info.exc_value, AttributeError) and "Delegate" in repr(info.object)):
+            previous(info)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
+def choose_delegate(chain: Sequence[str]) -> DelegateChoice:
+    """Load the first delegate of `chain` that works; fall back to the CPU."""
+    failures = []
+    for spec in chain:
+        library, options = parse_spec(spec)
+        with _quiet_failed_delegate():
+            try:
+                return DelegateChoice(library, load_delegate(library, options), tuple(failures))
+            except (OSError, ValueError, AttributeError, RuntimeError) as exc:
+                failures.append(f"{library}: {exc}")
+    return DelegateChoice(CPU, None, tuple(failures))
