@@ -32,6 +32,7 @@ __all__ = [
     "LimitsConfig",
     "ModelConfig",
     "ReplayConfig",
+    "SchedulerConfig",
     "SensorConfig",
     "StoreConfig",
     "TrainingConfig",
@@ -165,6 +166,44 @@ class TrainingConfig:
     min_interval_s: float = setting(60.0, min=0)
 
 
+HOURS = {
+    "pattern": r"([01][0-9]|2[0-3]):[0-5][0-9]-(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)",
+    "hint": "must be HH:MM-HH:MM in local time, e.g. 22:00-06:00 (it may wrap midnight)",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """When the device may train: heat, power, load, memory, hours and budgets."""
+
+    enabled: bool = True
+    max_temperature_c: float = setting(70.0, min=20, max=150)
+    cooldown_c: float = setting(5.0, min=0, max=50)
+    temperature_sensors: tuple[str, ...] = ()
+    defer_when_throttled: bool = True
+    require_power: bool = False
+    min_battery_percent: float = setting(30.0, min=0, max=100)
+    max_cpu_percent: float = setting(50.0, gt=0, max=100)
+    cpu_window_s: float = setting(10.0, gt=0, max=3600)
+    min_memory_mib: float = setting(128.0, min=0)
+    hours: tuple[str, ...] = setting((), **HOURS)
+    cpu_budget_s_per_hour: float | None = setting(60.0, gt=0, max=3600 * 1024)
+    max_runs_per_day: int | None = setting(96, min=1)
+    watts_per_cpu: float = setting(2.5, gt=0, max=10000)
+    power_rail: str | None = None
+    check_interval_s: float = setting(5.0, min=0.1, max=3600)
+    nice: int = setting(19, min=0, max=19)
+    idle_io: bool = True
+
+    def __post_init__(self) -> None:
+        for span in self.hours:
+            start, end = span.split("-")
+            if start == end:
+                raise ValueError(
+                    f"hours: {span!r} is empty; write 00:00-24:00 for the whole day"
+                )
+
+
 @dataclass(frozen=True, kw_only=True)
 class HeartbeatConfig:
     """How often a device reports its health to the hub."""
@@ -186,6 +225,7 @@ class AgentConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
 
 
@@ -329,6 +369,12 @@ def _value(tp: Any, meta: dict[str, Any], knode: Node, vnode: Node, key: str, pa
             return None
         (inner,) = (a for a in args if a is not type(None))
         return _value(inner, meta, knode, vnode, key, path)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # a list: tuple[X, ...]
+        if not isinstance(vnode, SequenceNode):
+            hint = "; write [item] for one item, [] for none"
+            raise ConfigError(path, _line(vnode), key, f"expected a list, got {_got(vnode)}{hint}")
+        return tuple(_value(args[0], meta, knode, item, f"{key}[{i}]", path)
+                     for i, item in enumerate(vnode.value))
     if origin is Literal:
         if not (isinstance(vnode, ScalarNode) and _tag(vnode) == "str" and vnode.value in args):
             choices = ", ".join(repr(a) for a in args)

@@ -105,6 +105,31 @@ def test_values_are_typed_and_nested(tmp_path):
         cfg.broker.port = 1  # type: ignore[misc]
 
 
+def test_scheduler_lists_and_nullable_budgets(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        device_id: pi-07
+        scheduler:
+          hours: [22:00-06:00, "12:00-13:00", 00:00-24:00]   # unquoted spans stay strings
+          temperature_sensors:
+            - CPU-therm
+            - GPU-therm
+          cpu_budget_s_per_hour: null
+          max_runs_per_day: ~
+          power_rail: VDD_IN
+          require_power: yes
+        """,
+    )
+    cfg = load_agent_config(path).scheduler
+    assert cfg.hours == ("22:00-06:00", "12:00-13:00", "00:00-24:00")
+    assert cfg.temperature_sensors == ("CPU-therm", "GPU-therm")
+    assert (cfg.cpu_budget_s_per_hour, cfg.max_runs_per_day) == (None, None)
+    assert (cfg.power_rail, cfg.require_power) == ("VDD_IN", True)
+    assert load_agent_config(write(tmp_path, "device_id: a\nscheduler:\n  hours: []\n")) == (
+        AgentConfig(device_id="a"))
+
+
 # ------------------------------------------------------------------- errors
 
 AGENT_OK = """
@@ -213,6 +238,42 @@ INVALID = {
         2,
         "aggregation",
         ["quorum (5) must not exceed buffer_size (2)"],
+    ),
+    "list item pattern": (
+        "device_id: a\nscheduler:\n  hours:\n    - 22:00-06:00\n    - 25:00-26:00\n",
+        5,
+        "scheduler.hours[1]",
+        ["'25:00-26:00' is not valid", "HH:MM-HH:MM"],
+    ),
+    "list item type": (
+        "device_id: a\nscheduler:\n  temperature_sensors: [cpu_thermal, 1]\n",
+        3,
+        "scheduler.temperature_sensors[1]",
+        ["expected a string, got an integer ('1')"],
+    ),
+    "scalar for a list": (
+        "device_id: a\nscheduler:\n  hours: 22:00-06:00\n",
+        3,
+        "scheduler.hours",
+        ["expected a list, got a string ('22:00-06:00'); write [item] for one item"],
+    ),
+    "mapping for a list": (
+        "device_id: a\nscheduler:\n  hours: {a: 1}\n",
+        3,
+        "scheduler.hours",
+        ["expected a list, got a mapping"],
+    ),
+    "empty hours span": (
+        "device_id: a\nscheduler:\n  hours: ['06:00-06:00']\n",
+        2,
+        "scheduler",
+        ["hours: '06:00-06:00' is empty; write 00:00-24:00 for the whole day"],
+    ),
+    "scheduler bound": (
+        "device_id: a\nscheduler:\n  max_cpu_percent: 150\n",
+        3,
+        "scheduler.max_cpu_percent",
+        ["at most 100"],
     ),
     "hub unknown top-level key": (
         "aggregation: {}\nshare_grup: x\n",
