@@ -97,6 +97,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last update   seq {last['seq']} on version {last['base_version']}, "
               f"{last['samples']} windows, loss {last['loss_before']} → {last['loss_after']}, "
               f"{_age(now - last['time'])}")
+        if last.get("energy_j") is not None:
+            print(f"              {last['cpu_s']} CPU-s, {last['energy_j']} J "
+                  f"({last['energy_source']})" + (f"; stopped: {last['stopped']}"
+                                                  if last.get("stopped") else ""))
     if evaluation:
         print(f"holdout       version {evaluation['version']}: personal "
               f"{evaluation['personal_accuracy']:.1%}, global {evaluation['global_accuracy']:.1%}"

@@ -150,6 +150,9 @@ def agent_settings(*, broker: Mosquitto, device_id: str, state_dir: Path, manife
         "training": {"min_windows": 32, "epochs": 1, "learning_rate": 0.1, "head_epochs": 1,
                      "min_interval_s": 0.5},
         "heartbeat": {"interval_s": 0.5},
+        # The test runner's own load must not read as the device's real job.
+        "scheduler": {"max_cpu_percent": 100.0, "cpu_budget_s_per_hour": None,
+                      "max_runs_per_day": None},
     }
     return _merge(base, overrides)
 

@@ -13,6 +13,7 @@ at a time, so the loop (and the systemd watchdog) stays responsive.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -29,6 +30,8 @@ import psutil
 from fedd import topics
 from fedd.agent.features import window_features
 from fedd.agent.learner import Learner, Scores
+from fedd.agent.readings import ReadingsReader
+from fedd.agent.scheduler import Scheduler
 from fedd.agent.sensors import open_source
 from fedd.agent.store import AgentStore
 from fedd.agent.windowing import Windower
@@ -45,6 +48,7 @@ MAX_OUTBOX = 16
 RETENTION_EVERY = 64
 DELEGATE = "xnnpack"
 REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
+SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
 
 
 class _Stopping(Exception):
@@ -63,6 +67,8 @@ class Agent:
                                seed=zlib.crc32(config.device_id.encode()))
         self.learner.restore(self.store.get("personal_head"), self.store.get("feature_mean"),
                              self.store.get("feature_scale"))
+        self.readings = ReadingsReader(cpu_window_s=config.scheduler.cpu_window_s)
+        self.scheduler = Scheduler.from_state(self.store.get("scheduler"), config.scheduler)
         self.source = open_source(config.sensor, config.window)
         self.windower = Windower(config.window.size, config.window.step)
         holdout = self.source.holdout()
@@ -79,6 +85,8 @@ class Agent:
         self.last_trained_version: int | None = self.store.get("last_trained_version")
         self.last_round_at = 0.0
         self._model_lock = asyncio.Lock()
+        # One thread for all model work: training lowers its priority while it runs.
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self._wake_trainer = asyncio.Event()
         self._wake_publisher = asyncio.Event()
         self._link: Link | None = None
@@ -102,6 +110,8 @@ class Agent:
             config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in changed})
         self.config = config
         self.learner.training = config.training
+        self.scheduler.config = config.scheduler
+        self.readings.cpu_window_s = config.scheduler.cpu_window_s
         logging.getLogger().setLevel(config.log_level.upper())
         log.info("reloaded configuration")
         self._wake_trainer.set()
@@ -135,6 +145,7 @@ class Agent:
             log.info("waiting for the running model job to finish")
             with contextlib.suppress(Exception):
                 await self._job
+        self._worker.shutdown(wait=True)
         self._write_status()
         self.store.close()
         log.info("agent %s stopped cleanly", cfg.device_id)
@@ -151,7 +162,7 @@ class Agent:
         thread, and `run` lets the job finish before it closes the store.
         """
         async with self._model_lock:
-            self._job = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            self._job = asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
             return await asyncio.shield(self._job)
 
     # sampler
@@ -244,7 +255,10 @@ class Agent:
         cooldown = self.last_round_at + training.min_interval_s - time.monotonic()
         if cooldown > 0:
             return f"cooling down: {cooldown:.0f} s until the next round", cooldown
-        return f"training on version {self.learner.version}", 0.0
+        decision = self.scheduler.decide(self.readings.read(), time.time())
+        if not decision.run:
+            return decision.reason, min(max(decision.wait_s, 1.0), SCHEDULER_RECHECK_S)
+        return f"training on version {self.learner.version} ({decision.reason})", 0.0
 
     async def _train(self) -> None:
         while True:
@@ -263,11 +277,12 @@ class Agent:
 
     def _local_round(self) -> None:
         """Train, personalize and queue the update durably (worker)."""
-        started = time.monotonic()
         features, labels = self.store.labelled_windows()
-        self.learner.fit_scaler(features)
-        result = self.learner.local_round(features, labels)
-        self.learner.personalize(features, labels)
+        with self.scheduler.training_run(self.readings) as run:
+            self.learner.fit_scaler(features)
+            result = self.learner.local_round(features, labels)
+            self.learner.personalize(features, labels)
+        self.scheduler.record_run(run.cpu_s, run.energy_j or 0.0, time.time())
         seq = int(self.store.get("next_seq", 0))
         update = ModelUpdate(device=self.config.device_id, seq=seq,
                              base_version=result.base_version, model=self.spec.name,
@@ -277,11 +292,13 @@ class Agent:
                             "samples": result.num_samples, "time": update.created,
                             "loss_before": round(result.loss_before, 4),
                             "loss_after": round(result.loss_after, 4),
-                            "train_s": round(time.monotonic() - started, 4)}
+                            **run.as_dict()}
         self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
                            update.encode(), seq=seq, state={
                                "next_seq": seq + 1, "last_trained_version": result.base_version,
-                               "last_update": self.last_update, **self._personal_state()})
+                               "last_update": self.last_update,
+                               "scheduler": self.scheduler.to_state(),
+                               **self._personal_state()})
         self.last_trained_version = result.base_version
         self.last_round_at = time.monotonic()
         log.info("update %d queued: version %d, %d windows, loss %.3f → %.3f", seq,

@@ -183,6 +183,10 @@ def _agent_config(person: int, stream: Path, port: int, out: Path, options: Flee
         "training": {"min_windows": 32, "epochs": 2, "learning_rate": 0.1, "head_epochs": 5,
                      "min_interval_s": 1.0},
         "heartbeat": {"interval_s": 2.0},
+        # Ten agents share two cores here: to each of them the others are the
+        # device's "real job", so the load rule and the budgets would idle the demo.
+        "scheduler": {"max_cpu_percent": 100.0, "cpu_budget_s_per_hour": None,
+                      "max_runs_per_day": None},
     }
 
 
