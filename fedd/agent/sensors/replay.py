@@ -1,42 +1,14 @@
-"""Sensor sources: where the agent's samples come from.
-
-A source yields `Chunk`s of consecutive samples; `gap_before` tells the
-windower the stream was interrupted, so no window spans the gap. `replay`
-plays a recorded person back on an accelerated clock as if it were live;
-it also offers the person's holdout windows, so a demo can score the
-device on its own future. Real sensor sources (IIO, command) come later
-and need not offer a holdout.
-"""
+"""Replay: a recorded person played back as if it were a live sensor."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from fedd.config import SensorConfig, WindowConfig
-from fedd.datasets import PersonData, hapt_person, load_stream, npz_person
-
-CHUNK_INTERVAL_S = 0.1
-
-
-@dataclass(frozen=True)
-class Chunk:
-    samples: np.ndarray  # (n, channels) float32
-    labels: np.ndarray  # (n,) int16 class per sample, -1 when unknown
-    gap_before: bool
-    cursor: int  # samples emitted by the source so far, this chunk included
-
-
-class SensorSource(Protocol):
-    rate_hz: float
-
-    def chunks(self, start_at: int = 0) -> AsyncIterator[Chunk]: ...
-
-    def holdout(self) -> tuple[np.ndarray, np.ndarray] | None: ...
+from fedd.agent.sensors.source import CHUNK_INTERVAL_S, Chunk
+from fedd.datasets import PersonData
 
 
 class ReplaySource:
@@ -74,15 +46,3 @@ class ReplaySource:
             if not self.loop:
                 return
             cursor = 0
-
-
-def open_source(sensor: SensorConfig, window: WindowConfig) -> SensorSource:
-    """Build the configured source."""
-    replay = sensor.replay
-    if replay.dataset == "hapt":
-        data = hapt_person(replay.person, window.size, window.step)
-    elif replay.dataset == "stream":
-        data = load_stream(replay.npz_path or "")
-    else:
-        data = npz_person(replay.npz_path or "", replay.person)
-    return ReplaySource(data, rate_hz=sensor.rate_hz, speed=replay.speed, loop=replay.loop)

@@ -1,0 +1,60 @@
+"""Sensor sources: where the agent's samples come from.
+
+Every source yields the same `Chunk`s (see `source`), so windowing and
+features are identical whatever the samples come from:
+
+- `replay`: a recorded person played back on an accelerated clock, with
+  the person's holdout windows so a demo can score the device on its future;
+- `iio`: a Linux Industrial I/O accelerometer/gyroscope, buffered through
+  `/dev/iio:deviceN` where the device allows it, else polled through sysfs;
+- `command`: lines of numbers from a command's standard output or from
+  the agent's own standard input.
+"""
+
+from __future__ import annotations
+
+from fedd.agent.sensors.command import CommandError, CommandFailed, CommandSource
+from fedd.agent.sensors.iio import (
+    DEFAULT_CHANNELS,
+    IioBufferUnavailable,
+    IioChannelNotFound,
+    IioDeviceNotFound,
+    IioError,
+    IioSource,
+    IioTypeError,
+)
+from fedd.agent.sensors.replay import ReplaySource
+from fedd.agent.sensors.source import CHUNK_INTERVAL_S, Chunk, SensorError, SensorSource
+from fedd.config import SensorConfig, WindowConfig
+from fedd.datasets import hapt_person, load_stream, npz_person
+
+__all__ = [
+    "CHUNK_INTERVAL_S",
+    "DEFAULT_CHANNELS",
+    "Chunk",
+    "CommandError",
+    "CommandFailed",
+    "CommandSource",
+    "IioBufferUnavailable",
+    "IioChannelNotFound",
+    "IioDeviceNotFound",
+    "IioError",
+    "IioSource",
+    "IioTypeError",
+    "ReplaySource",
+    "SensorError",
+    "SensorSource",
+    "open_source",
+]
+
+
+def open_source(sensor: SensorConfig, window: WindowConfig) -> SensorSource:
+    """Build the configured source."""
+    replay = sensor.replay
+    if replay.dataset == "hapt":
+        data = hapt_person(replay.person, window.size, window.step)
+    elif replay.dataset == "stream":
+        data = load_stream(replay.npz_path or "")
+    else:
+        data = npz_person(replay.npz_path or "", replay.person)
+    return ReplaySource(data, rate_hz=sensor.rate_hz, speed=replay.speed, loop=replay.loop)
