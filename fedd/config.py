@@ -126,13 +126,60 @@ class ReplayConfig:
             raise ValueError(f"npz_path is required when dataset is '{self.dataset}'")
 
 
+SHIPPED_CHANNELS = 6  # the shipped feature sets read acc x/y/z then gyro x/y/z
+
+
+@dataclass(frozen=True, kw_only=True)
+class IioConfig:
+    """A Linux IIO accelerometer/gyroscope (/sys/bus/iio/devices, /dev/iio:deviceN)."""
+
+    device: str = "iio:device0"
+    channels: tuple[str, ...] = ("accel_x", "accel_y", "accel_z",
+                                 "anglvel_x", "anglvel_y", "anglvel_z")
+    mode: Literal["auto", "buffered", "polled"] = "auto"
+    buffer_length: int | None = setting(None, min=2, max=1048576)
+    trigger: str | None = None
+    timestamps: bool = True
+    gap_tolerance: float = setting(2.0, gt=1, max=1000)
+
+    def __post_init__(self) -> None:
+        if len(self.channels) != SHIPPED_CHANNELS:
+            raise ValueError(f"channels must name {SHIPPED_CHANNELS} channels "
+                             f"(acc x/y/z, gyro x/y/z), got {len(self.channels)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandConfig:
+    """Samples as text lines from a program (or the agent's stdin)."""
+
+    argv: tuple[str, ...] = ()
+    channels: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    columns: int | None = setting(None, min=1, max=4096)
+    label_column: int | None = setting(None, min=0, max=4095)
+    timestamp_column: int | None = setting(None, min=0, max=4095)
+    timestamp_unit_s: float = setting(1.0, gt=0, max=86400)
+    scale: tuple[float, ...] | None = None
+    gap_tolerance: float = setting(2.0, gt=1, max=1000)
+    max_line_bytes: int = setting(1024, min=16, max=1048576)
+
+    def __post_init__(self) -> None:
+        if len(self.channels) != SHIPPED_CHANNELS:
+            raise ValueError(f"channels must list {SHIPPED_CHANNELS} column indices "
+                             f"(acc x/y/z, gyro x/y/z), got {len(self.channels)}")
+        if self.scale is not None and len(self.scale) != len(self.channels):
+            raise ValueError(f"scale needs one factor per channel ({len(self.channels)}), "
+                             f"got {len(self.scale)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SensorConfig:
     """Where samples come from; ``kind`` picks the driver and its sub-section."""
 
-    kind: Literal["replay"] = "replay"
+    kind: Literal["replay", "iio", "command"] = "replay"
     rate_hz: float = setting(50.0, gt=0, max=100000)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    iio: IioConfig = field(default_factory=IioConfig)
+    command: CommandConfig = field(default_factory=CommandConfig)
 
 
 @dataclass(frozen=True, kw_only=True)

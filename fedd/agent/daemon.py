@@ -73,7 +73,7 @@ class Agent:
         self.windower = Windower(config.window.size, config.window.step)
         holdout = self.source.holdout()
         self.holdout = None if holdout is None else (
-            window_features(holdout[0], config.sensor.rate_hz), holdout[1].astype(np.int32))
+            window_features(holdout[0], self.source.rate_hz), holdout[1].astype(np.int32))
         self.started = time.monotonic()
         self.training_now = False
         self.stream_ended = False
@@ -168,7 +168,7 @@ class Agent:
     # sampler
 
     async def _sample(self) -> None:
-        rate = self.config.sensor.rate_hz
+        rate = self.source.rate_hz  # an IIO device may run at the nearest rate it offers
         since_retention = 0
         async for chunk in self.source.chunks(int(self.store.get("sensor_cursor", 0))):
             windows, labels = self.windower.push(chunk.samples, chunk.labels, chunk.gap_before)

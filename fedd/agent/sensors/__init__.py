@@ -50,6 +50,20 @@ __all__ = [
 
 def open_source(sensor: SensorConfig, window: WindowConfig) -> SensorSource:
     """Build the configured source."""
+    if sensor.kind == "iio":
+        iio = sensor.iio
+        return IioSource(device=iio.device, channels=iio.channels, rate_hz=sensor.rate_hz,
+                         mode=iio.mode, buffer_length=iio.buffer_length, trigger=iio.trigger,
+                         timestamps=iio.timestamps, gap_tolerance=iio.gap_tolerance)
+    if sensor.kind == "command":
+        cmd = sensor.command
+        return CommandSource(command=cmd.argv or None, rate_hz=sensor.rate_hz,
+                             channels=cmd.channels, columns=cmd.columns,
+                             label_column=cmd.label_column,
+                             timestamp_column=cmd.timestamp_column,
+                             timestamp_unit_s=cmd.timestamp_unit_s, scale=cmd.scale,
+                             gap_tolerance=cmd.gap_tolerance,
+                             max_line_bytes=cmd.max_line_bytes)
     replay = sensor.replay
     if replay.dataset == "hapt":
         data = hapt_person(replay.person, window.size, window.step)
