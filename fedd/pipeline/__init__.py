@@ -23,6 +23,7 @@ Device::
     out = pipe.encode(delta, residual, rng=rng)       # residual: None the first time
     out.payload, out.residual, out.measurements       # keep out.residual for the next encode
     pipe.max_payload_bytes(len(delta))                # worst case, for a link budget
+    pipe.error_feedback_safe(len(delta))              # False: the residual would grow (q:1)
 
 Hub (any stack: payloads describe their own; or ``pipe.decode``/``pipe.accumulate``
 to accept only that pipeline's stack)::
@@ -32,11 +33,17 @@ to accept only that pipeline's stack)::
     read(payload, length=..., max_bytes=...)                   # Decoded: indices, values, stack
 
 `DecodeError.reason` is one of `REASONS` (errors.py), a stable code to count.
-Measurements are nested by stage name, e.g. ``{"topk": {"kept": 83, "density":
-0.01, "index_coding": "varint", "index_bytes": 88}, "q": {"bits": 4, "chunk":
-256, "scales": 1, "bytes": 44}, "zstd": {"level": 3, "in": 132, "out": 120,
-"ratio": 1.1, "stored": False}, "error_feedback": {"residual_norm": ...,
-"carried": ...}, "values": 8288, "bytes": 130}``.
+`accumulate` checks the whole payload before it touches the sum, and folds a
+sparse update in with ``total[idx] += w·v``: the top-k scatter is the decode
+that commutes with the sum; dequantization, the f16 cast, index and zstd
+decoding run per update (its docstring says why).
+Measurements are nested by stage name; for "topk:0.01+q:4+zstd" on 8288
+values: ``{"topk": {"kept": 83, "density": 0.01, "index_coding": "varint",
+"index_bytes": 108}, "q": {"bits": 4, "chunk": 256, "scales": 1, "bytes": 44},
+"zstd": {"level": 3, "in": 152, "out": 153, "ratio": 0.99, "stored": True},
+"error_feedback": {"residual_norm": 0.127, "carried": 0.81}, "values": 8288,
+"bytes": 162}`` (zstd stored the body: 152 bytes of indices and 4-bit values
+do not shrink).
 
 Wire layout of one part (all integers little-endian; varint = unsigned LEB128)
 -------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import numpy as np
 from fedd.pipeline.errors import DecodeError
 from fedd.pipeline.reader import Reader
 
-__all__ = ["BITS", "bf16_nearest", "bf16_up", "chunks", "pack", "read_scales", "scales_f32",
-           "unpack"]
+__all__ = ["BITS", "bf16_nearest", "bf16_up", "chunks", "pack", "per_chunk", "read_scales",
+           "scales_f32", "unpack"]
 
 BITS = (1, 2, 4, 8)
 _BF16_MAX = np.uint32(0x7F7F)  # largest finite bfloat16, 3.39e38
@@ -48,8 +48,13 @@ def unpack(reader: Reader, count: int, bits: int, what: str) -> np.ndarray:
     raw = reader.bytes_array(chunks(count * bits, 8), what)
     if bits == 8:
         return raw
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    codes = ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)
+    if bits == 1:
+        codes = np.unpackbits(raw, bitorder="little")
+    else:
+        per, mask = 8 // bits, np.uint8((1 << bits) - 1)
+        codes = np.empty(raw.size * per, dtype=np.uint8)
+        for slot in range(per):  # 2 or 4 strided passes, not a loop over values
+            codes[slot::per] = (raw >> np.uint8(slot * bits)) & mask
     if codes[count:].any():
         raise DecodeError("bad-padding", f"{what}: non-zero bits after value {count}")
     return codes[:count]
@@ -66,6 +71,15 @@ def bf16_nearest(values: np.ndarray) -> np.ndarray:
     raw = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = (raw + np.uint32(0x7FFF) + ((raw >> 16) & np.uint32(1))) >> 16
     return np.minimum(rounded, _BF16_MAX).astype(np.uint16)
+
+
+def per_chunk(values: np.ndarray, scales: np.ndarray, chunk: int) -> np.ndarray:
+    """values[i] * scales[i // chunk], as float32 (one rounding, the same on both sides)."""
+    count = values.size
+    out = np.zeros(scales.size * chunk, dtype=np.float32)
+    out[:count] = values
+    out.reshape(scales.size, chunk)[:] *= scales[:, None]
+    return out[:count]
 
 
 def scales_f32(bf16: np.ndarray) -> np.ndarray:

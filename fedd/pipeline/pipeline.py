@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from fedd.pipeline import indices, spec, varint
-from fedd.pipeline.errors import DecodeError
+from fedd.pipeline.errors import DecodeError, SpecError
 from fedd.pipeline.reader import Reader
 from fedd.pipeline.stage import ByteCoder, Sparsifier, Stage, ValueCodec
 
@@ -87,6 +88,39 @@ def _header(stages: Sequence[Stage]) -> bytes:
     return bytes([VERSION, len(stages)]) + b"".join(stage.header() for stage in stages)
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """A valid payload header, parsed once: its bytes, decode-side stages and roles."""
+
+    header: bytes
+    roles: _Roles
+    text: str
+
+
+# Headers seen before. A valid header is prefix-free (its count and stage codes say
+# where it ends), so a payload that starts with one parses to the same stack: the
+# hub parses each stack once, not once per update. Bounded; replaced, never mutated.
+_SEEN: tuple[_Stack, ...] = ()
+_SEEN_MAX = 64
+_SEEN_LOCK = threading.Lock()
+
+
+def _stack(payload: bytes, reader: Reader) -> _Stack:
+    global _SEEN
+    for known in _SEEN:
+        if payload.startswith(known.header):
+            reader.pos = len(known.header)
+            return known
+    start = reader.pos - 1  # the version byte
+    stages = spec.read_header(reader)
+    parsed = _Stack(payload[start : reader.pos], _Roles.of(stages),
+                    "+".join(s.spec() for s in stages))
+    with _SEEN_LOCK:
+        if len(_SEEN) < _SEEN_MAX:
+            _SEEN = (*_SEEN, parsed)
+    return parsed
+
+
 def _check_length(length: int) -> None:
     if isinstance(length, bool) or not isinstance(length, int | np.integer) \
             or not 0 <= length <= MAX_LENGTH:
@@ -116,13 +150,13 @@ def read(payload: bytes, *, length: int, max_bytes: int, expect: bytes | None = 
     version = reader.byte("version")
     if version != VERSION:
         raise DecodeError("unknown-version", f"pipeline format {version} (this reads {VERSION})")
-    stages = spec.read_header(reader)
-    if expect is not None and payload[: reader.pos] != expect:
-        raise DecodeError("stack-mismatch", "+".join(s.spec() for s in stages))
+    stack = _stack(payload, reader)
+    if expect is not None and stack.header != expect:
+        raise DecodeError("stack-mismatch", stack.text)
     stated = reader.uvarint("part length")
     if stated != length:
         raise DecodeError("wrong-length", f"the payload is for {stated} values, expected {length}")
-    roles = _Roles.of(stages)
+    roles = stack.roles
     body = reader.rest()
     if roles.coder is not None:
         body = roles.coder.decode(body, max_size=roles.body_bound(length))
@@ -130,7 +164,7 @@ def read(payload: bytes, *, length: int, max_bytes: int, expect: bytes | None = 
     where = indices.decode(body_reader, length) if roles.sparsifier else None
     values = roles.codec.decode(body_reader, length if where is None else where.size)
     body_reader.finish("the values")
-    return Decoded("+".join(s.spec() for s in stages), length, where, values)
+    return Decoded(stack.text, length, where, values)
 
 
 def decode(payload: bytes, *, length: int, max_bytes: int) -> np.ndarray:
@@ -172,6 +206,8 @@ class Pipeline:
     """A checked stack of stages: encode on the device, decode/accumulate on the hub."""
 
     def __init__(self, stages: Sequence[Stage]) -> None:
+        if not stages or not all(isinstance(stage, Stage) for stage in stages):
+            raise SpecError("a pipeline needs one or more stages (fedd.pipeline.stage.Stage)")
         self._stages = tuple(spec.check(list(stages)))
         self._roles = _Roles.of(self._stages)
         self._header = _header(self._stages)

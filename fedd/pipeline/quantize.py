@@ -37,6 +37,9 @@ __all__ = ["Quantize"]
 
 DEFAULT_CHUNK = 256
 MAX_CHUNK_LOG2 = 16
+# level c of 2**b → (2c - (L-1))/(L-1), in [-1, 1]
+_GRIDS = {bits: ((2 * np.arange(1 << bits) - ((1 << bits) - 1)) / ((1 << bits) - 1)
+                 ).astype(np.float32) for bits in packing.BITS}
 
 
 class Quantize(ValueCodec):
@@ -55,8 +58,7 @@ class Quantize(ValueCodec):
                             f"got {chunk}")
         self.bits = bits
         self.chunk = chunk
-        levels = 1 << bits
-        self._grid = ((2 * np.arange(levels) - (levels - 1)) / (levels - 1)).astype(np.float32)
+        self._grid = _GRIDS[bits]
 
     @classmethod
     def from_args(cls, args: list[str]) -> Quantize:
@@ -86,7 +88,7 @@ class Quantize(ValueCodec):
 
     def _dequantize(self, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """The one formula the encoder and the decoder share, so both get the same bits."""
-        return self._grid[codes] * np.repeat(scales, self.chunk)[: codes.size]
+        return packing.per_chunk(self._grid[codes], scales, self.chunk)
 
     def encode(self, values: np.ndarray, rng: np.random.Generator
                ) -> tuple[bytes, np.ndarray, Measurements]:

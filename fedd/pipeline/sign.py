@@ -58,8 +58,8 @@ class Sign(ValueCodec):
         return f"sign:{self.chunk}"
 
     def _decoded(self, positive: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        magnitude = np.repeat(scales, self.chunk)[: positive.size]
-        return np.where(positive, magnitude, -magnitude)
+        unit = np.where(positive, np.float32(1), np.float32(-1))
+        return packing.per_chunk(unit, scales, self.chunk)
 
     def encode(self, values: np.ndarray, rng: np.random.Generator
                ) -> tuple[bytes, np.ndarray, Measurements]:

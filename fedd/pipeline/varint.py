@@ -57,22 +57,28 @@ def decode_many(buf: np.ndarray, count: int, *, max_len: int, what: str) -> tupl
     if count == 0:
         return np.zeros(0, dtype=np.uint64), 0
     window = buf[: count * max_len]
-    ends = np.flatnonzero(window < 0x80)
+    ends = np.flatnonzero(window < 0x80)  # the last byte of each varint
     if ends.size < count:
         if window.size < count * max_len:
             raise DecodeError("truncated", f"{what}: {count} varints need more bytes")
         raise DecodeError("bad-varint", f"{what}: a varint longer than {max_len} bytes")
+    used = int(ends[count - 1]) + 1
+    if used == count:  # all one byte long: the common case for dense indices
+        return window[:count].astype(np.uint64), used
     ends = ends[:count]
-    starts = np.empty(count, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lengths = ends - starts + 1
-    if (lengths > max_len).any():
+    lengths = np.empty(count, dtype=np.int64)
+    lengths[0] = ends[0] + 1
+    lengths[1:] = ends[1:] - ends[:-1]
+    longest = int(lengths.max())
+    if longest > max_len:
         raise DecodeError("bad-varint", f"{what}: a varint longer than {max_len} bytes")
-    if ((lengths > 1) & (window[ends] == 0)).any():
+    last = window[ends]
+    if ((lengths > 1) & (last == 0)).any():
         raise DecodeError("bad-varint", f"{what}: a varint not in its shortest form")
-    used = int(ends[-1]) + 1
-    owner = np.repeat(np.arange(count), lengths)
-    within = (np.arange(used) - starts[owner]).astype(np.uint64)
-    groups = (window[:used] & 0x7F).astype(np.uint64) << (np.uint64(7) * within)
-    return np.add.reduceat(groups, starts), used
+    # From the most significant group (the last byte) down: one pass per byte
+    # position, at most max_len passes, each over every varint at once.
+    values = last.astype(np.uint64)
+    for back in range(1, longest):
+        groups = (window[ends - back] & 0x7F).astype(np.uint64)  # masked below where too short
+        values = np.where(lengths > back, (values << np.uint64(7)) | groups, values)
+    return values, used
