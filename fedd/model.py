@@ -7,6 +7,8 @@ federation moves: the shared ``body`` goes to the hub, the personal ``head``
 stays on the device. Nothing here needs TensorFlow.
 
 One :class:`TrainableModel` owns one interpreter and is not thread-safe.
+Inputs are float32 arrays of the manifest's ``input_shape`` per row: 96
+features for ``har-mlp``, a raw (128, 6) window for ``har-cnn``.
 """
 
 from __future__ import annotations
@@ -76,8 +78,15 @@ class ModelSpec:
 class TrainableModel:
     """A LiteRT model that trains on the CPU (XNNPACK) and exposes its parts as flat vectors."""
 
-    def __init__(self, spec: ModelSpec, *, num_threads: int = 1) -> None:
+    def __init__(self, spec: ModelSpec, *, num_threads: int = 1,
+                 max_infer_rows: int = 64) -> None:
+        """`max_infer_rows` bounds the rows of one interpreter call in `predict`: the
+        interpreter sizes (and keeps) its buffers for the largest batch it has run, which
+        for a raw-window CNN is ~55 KiB per row."""
+        if max_infer_rows < 1:
+            raise ValueError(f"max_infer_rows must be >= 1, got {max_infer_rows}")
         self.spec = spec
+        self._max_infer_rows = max_infer_rows
         try:
             # Keep the bytes: the interpreter reads from this buffer, and loading the
             # very bytes that were hashed leaves no window for the file to change.
@@ -115,7 +124,7 @@ class TrainableModel:
         infer_x = self._runners["infer"].get_input_details()["x"]["shape_signature"]
         if tuple(infer_x[1:]) != spec.input_shape:
             raise ModelError(f"model {spec.name!r}: infer x is {list(infer_x)}")
-        # -1 (dynamic) lets predict() take any number of rows in one call.
+        # -1 (dynamic) lets predict() run up to max_infer_rows rows in one call.
         self._infer_batch = None if infer_x[0] < 0 else int(infer_x[0])
         logits = self._runners["infer"].get_output_details()["logits"]["shape_signature"]
         if logits[-1] != spec.num_classes:
@@ -180,11 +189,15 @@ class TrainableModel:
         if rows == 0:
             return np.zeros((0, spec.num_classes), np.float32)
         infer = self._runners["infer"]
+        out = np.empty((rows, spec.num_classes), np.float32)
         if self._infer_batch is None:
-            return np.array(infer(x=x)["logits"], dtype=np.float32)
+            # Dynamic batch: chunks of at most max_infer_rows rows bound the memory.
+            step = self._max_infer_rows
+            for start in range(0, rows, step):
+                out[start : start + step] = infer(x=x[start : start + step])["logits"]
+            return out
         # Fixed infer batch: run zero-padded chunks and drop the padding rows.
         batch = self._infer_batch
-        out = np.empty((rows, spec.num_classes), np.float32)
         chunk = np.zeros((batch, *spec.input_shape), np.float32)
         for start in range(0, rows, batch):
             n = min(batch, rows - start)

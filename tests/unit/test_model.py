@@ -238,3 +238,11 @@ def test_manifest_errors_name_manifest_and_model(tmp_path: Path) -> None:
     missing.write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match=r"absent\.tflite"):
         TrainableModel(ModelSpec.from_manifest(missing, NAME))
+
+
+def test_predict_in_bounded_chunks(spec: ModelSpec, model: TrainableModel) -> None:
+    x, _ = blobs(spec, 45)
+    small = TrainableModel(spec, max_infer_rows=7)  # same file, same initial weights
+    np.testing.assert_allclose(small.predict(x), model.predict(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_infer_rows"):
+        TrainableModel(spec, max_infer_rows=0)
