@@ -31,6 +31,7 @@ to accept only that pipeline's stack)::
     vector = decode(payload, length=8288, max_bytes=65536)     # finite float32, or DecodeError
     accumulate(total, payload, weight, max_bytes=65536)        # total += weight·update
     read(payload, length=..., max_bytes=...)                   # Decoded: indices, values, stack
+    largest_payload(8288)                                      # a max_bytes every stack fits
 
 `DecodeError.reason` is one of `REASONS` (errors.py), a stable code to count.
 `accumulate` checks the whole payload before it touches the sum, and folds a
@@ -93,8 +94,9 @@ from fedd.pipeline.pipeline import (
     Pipeline,
     accumulate,
     decode,
+    largest_payload,
     read,
 )
 
 __all__ = ["MAX_LENGTH", "REASONS", "VERSION", "DecodeError", "Decoded", "Encoded", "Pipeline",
-           "PipelineError", "SpecError", "accumulate", "decode", "read"]
+           "PipelineError", "SpecError", "accumulate", "decode", "largest_payload", "read"]

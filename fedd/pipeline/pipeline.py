@@ -16,7 +16,7 @@ from fedd.pipeline.reader import Reader
 from fedd.pipeline.stage import ByteCoder, Sparsifier, Stage, ValueCodec
 
 __all__ = ["MAX_LENGTH", "VERSION", "Decoded", "Encoded", "Pipeline", "accumulate", "decode",
-           "read"]
+           "largest_payload", "read"]
 
 VERSION = 1
 MAX_LENGTH = 1 << 26  # values in one part; as wire.MAX_PART_VALUES
@@ -165,6 +165,18 @@ def read(payload: bytes, *, length: int, max_bytes: int, expect: bytes | None = 
     values = roles.codec.decode(body_reader, length if where is None else where.size)
     body_reader.finish("the values")
     return Decoded(stack.text, length, where, values)
+
+
+def largest_payload(length: int) -> int:
+    """The longest valid payload of any stack for `length` values: a max_bytes for the hub.
+
+    It is ``topk:1.0+float32+zstd`` stored: the longest header, n, the zstd
+    flag, a full bitmap and 4 bytes a value.
+    """
+    _check_length(length)
+    longest_header = 2 + 1 + 3 + 1  # version, count, topk, q (the longest codec), zstd
+    return (longest_header + len(varint.encode_one(length)) + 1 + indices.max_bytes(length)
+            + 4 * length)
 
 
 def decode(payload: bytes, *, length: int, max_bytes: int) -> np.ndarray:

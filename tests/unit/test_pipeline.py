@@ -11,6 +11,7 @@ from fedd.pipeline import (
     SpecError,
     accumulate,
     decode,
+    largest_payload,
     read,
     varint,
 )
@@ -407,6 +408,16 @@ def test_measurements_are_nested_by_stage() -> None:
     assert m["zstd"]["out"] == len(out.payload) - len(Pipeline.from_spec("topk:1+q:4+zstd")
                                                        .header) - 2
     assert m["bytes"] == len(out.payload) and m["values"] == 2000
+
+
+def test_largest_payload_bounds_every_stack() -> None:
+    for size in (0, 1, 8288):
+        d = delta(size=size) if size else np.zeros(0, np.float32)
+        worst = max(len(Pipeline.from_spec(s).encode(d).payload)
+                    for s in ["topk:1.0+float32+zstd", "topk:1.0+q:8:1+zstd", "float32+zstd"])
+        assert worst <= largest_payload(size)
+        assert max(Pipeline.from_spec(s).max_payload_bytes(size) for s in STACKS) \
+            <= largest_payload(size)
 
 
 def test_max_payload_bytes_is_exact_for_dense_stacks_and_bounds_sparse_ones() -> None:
