@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 
 from fedd import topics
-from fedd.agent.features import window_features
+from fedd.agent.features import model_inputs
 from fedd.agent.learner import Learner, Scores
 from fedd.agent.readings import ReadingsReader
 from fedd.agent.scheduler import Scheduler
@@ -61,7 +61,8 @@ class Agent:
         self.notifier = notifier
         self.spec = ModelSpec.from_manifest(config.model.manifest, config.model.name)
         state_dir = Path(config.state_dir)
-        self.store = AgentStore(state_dir / "agent.sqlite", feature_dim=self.spec.input_shape[0])
+        self.store = AgentStore(state_dir / "agent.sqlite", input_shape=self.spec.input_shape)
+        self.inputs = model_inputs(self.spec.features)
         self.status_path = state_dir / "status.json"
         self.learner = Learner(TrainableModel(self.spec), config.training,
                                seed=zlib.crc32(config.device_id.encode()))
@@ -73,7 +74,7 @@ class Agent:
         self.windower = Windower(config.window.size, config.window.step)
         holdout = self.source.holdout()
         self.holdout = None if holdout is None else (
-            window_features(holdout[0], self.source.rate_hz), holdout[1].astype(np.int32))
+            self.inputs(holdout[0], self.source.rate_hz), holdout[1].astype(np.int32))
         self.started = time.monotonic()
         self.training_now = False
         self.stream_ended = False
@@ -175,7 +176,7 @@ class Agent:
             if not len(windows):
                 continue
             cursor = chunk.cursor - self.windower.pending
-            self.store.add_windows(window_features(windows, rate), labels,
+            self.store.add_windows(self.inputs(windows, rate), labels,
                                    state={"sensor_cursor": cursor})
             since_retention += len(windows)
             if since_retention >= RETENTION_EVERY:

@@ -1,4 +1,4 @@
-"""Features computed on the device from raw 6-axis IMU windows.
+"""Model inputs computed on the device from raw 6-axis IMU windows.
 
 Eight channels (the six axes plus the accelerometer and gyroscope
 magnitudes) times twelve statistics give the 96 features the shipped
@@ -8,9 +8,12 @@ batch of windows, so the agent featurizes a backlog in one call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 FEATURE_SET = "hapt-stats-v1"
+RAW_SET = "raw-128x6-v1"
 NUM_STATS = 12
 PERCENTILES = (10, 25, 50, 75, 90)
 LOW_BAND_HZ = 2.5
@@ -43,3 +46,22 @@ def window_features(windows: np.ndarray, rate_hz: float = 50.0) -> np.ndarray:
     stats = [mean, std, x.min(axis=2), x.max(axis=2), *percentiles, mean_abs_diff,
              crossing_rate, low_band_share]
     return np.stack(stats, axis=2).reshape(len(windows), -1).astype(np.float32)
+
+
+def raw_windows(windows: np.ndarray, rate_hz: float = 50.0) -> np.ndarray:
+    """The windows themselves, for models that learn their own features (har-cnn)."""
+    if windows.ndim != 3 or windows.shape[1:] != (128, 6):
+        raise ValueError(f"expected windows of shape (n, 128, 6), got {windows.shape}")
+    return windows.astype(np.float32)
+
+
+INPUTS = {FEATURE_SET: window_features, RAW_SET: raw_windows}
+
+
+def model_inputs(feature_set: str) -> Callable[[np.ndarray, float], np.ndarray]:
+    """The function that turns (n, size, 6) windows into a model's inputs."""
+    try:
+        return INPUTS[feature_set]
+    except KeyError:
+        raise ValueError(f"unknown feature set {feature_set!r} (known: "
+                         f"{', '.join(INPUTS)})") from None

@@ -40,10 +40,10 @@ class Outgoing:
 
 
 class AgentStore:
-    def __init__(self, path: str | Path, *, feature_dim: int) -> None:
+    def __init__(self, path: str | Path, *, input_shape: tuple[int, ...]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.feature_dim = feature_dim
+        self.input_shape = tuple(input_shape)  # one model input: features or a raw window
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -81,9 +81,9 @@ class AgentStore:
     def labelled_windows(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self._query("SELECT features, label FROM windows WHERE label >= 0 ORDER BY id")
         if not rows:
-            return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.int32)
+            return np.zeros((0, *self.input_shape), np.float32), np.zeros(0, np.int32)
         features = np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4")
-        return (features.reshape(len(rows), self.feature_dim).astype(np.float32),
+        return (features.reshape(len(rows), *self.input_shape).astype(np.float32),
                 np.array([r[1] for r in rows], dtype=np.int32))
 
     def enforce_retention(self, *, max_windows: int, max_age_s: float) -> int:

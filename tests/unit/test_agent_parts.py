@@ -161,7 +161,7 @@ def test_features_refuse_wrong_shapes(shape: tuple[int, ...]) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = AgentStore(tmp_path / "state" / "agent.db", feature_dim=DIM)
+    s = AgentStore(tmp_path / "state" / "agent.db", input_shape=(DIM,))
     yield s
     with contextlib.suppress(sqlite3.ProgrammingError):  # the test closed it already
         s.close()
@@ -270,7 +270,7 @@ def test_outbox_survives_close_and_reopen(store: AgentStore, tmp_path: Path) -> 
     store.put(next_seq=10)
     store.close()
     assert not Path(f"{store.path}-wal").exists() or Path(f"{store.path}-wal").stat().st_size == 0
-    again = AgentStore(store.path, feature_dim=DIM)
+    again = AgentStore(store.path, input_shape=(DIM,))
     try:
         assert again.outbox_size() == 3 and again.get("next_seq") == 10
         for seq in sorted(payloads):
