@@ -252,6 +252,18 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InferenceConfig:
+    """Accelerators for inference; training always runs on the CPU."""
+
+    delegates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for spec in self.delegates:
+            if not spec or spec.startswith("?"):
+                raise ValueError(f"delegate {spec!r} names no library")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HeartbeatConfig:
     """How often a device reports its health to the hub."""
 
@@ -273,6 +285,7 @@ class AgentConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,10 +80,15 @@ class TrainableModel:
     """A LiteRT model that trains on the CPU (XNNPACK) and exposes its parts as flat vectors."""
 
     def __init__(self, spec: ModelSpec, *, num_threads: int = 1,
-                 max_infer_rows: int = 64) -> None:
+                 max_infer_rows: int = 64, delegate: Any | None = None) -> None:
         """`max_infer_rows` bounds the rows of one interpreter call in `predict`: the
         interpreter sizes (and keeps) its buffers for the largest batch it has run, which
-        for a raw-window CNN is ~55 KiB per row."""
+        for a raw-window CNN is ~55 KiB per row.
+
+        `delegate` (from `load_delegate`) runs `predict` on an accelerator. Delegates do
+        not train, so it gets an interpreter of its own, whose weights are brought up to
+        date from the training interpreter before the first prediction after a change.
+        """
         if max_infer_rows < 1:
             raise ValueError(f"max_infer_rows must be >= 1, got {max_infer_rows}")
         self.spec = spec
@@ -111,6 +117,16 @@ class TrainableModel:
             raise ModelError(f"model {spec.name!r}: {spec.path} lacks signatures {missing}")
         self._runners = {s: self._interpreter.get_signature_runner(s) for s in needed}
         self._check_shapes()
+        self._delegated: dict[str, Any] | None = None
+        self._stale = True  # the delegate's weights lag the training interpreter's
+        if delegate is not None:
+            try:
+                accelerated = Interpreter(model_content=self._content, num_threads=num_threads,
+                                          experimental_delegates=[delegate])
+            except (ValueError, RuntimeError) as exc:
+                raise ModelError(f"model {spec.name!r}: the delegate refused it: {exc}") from exc
+            self._delegated = {s: accelerated.get_signature_runner(s)
+                               for s in ["infer", *(f"set_{part}" for part in spec.parts)]}
 
     def _check_shapes(self) -> None:
         """Fail at load, not mid-training, when the file does not match the manifest."""
@@ -166,6 +182,7 @@ class TrainableModel:
         if not np.isfinite(lr) or lr < 0:
             raise ValueError(f"learning rate must be finite and >= 0, got {lr}")
         out = self._runners[signature](x=x, y=y, lr=np.float32(lr))
+        self._stale = True
         return float(out["loss"])
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
@@ -188,7 +205,7 @@ class TrainableModel:
         rows = x.shape[0]
         if rows == 0:
             return np.zeros((0, spec.num_classes), np.float32)
-        infer = self._runners["infer"]
+        infer = self._infer_runner()
         out = np.empty((rows, spec.num_classes), np.float32)
         if self._infer_batch is None:
             # Dynamic batch: chunks of at most max_infer_rows rows bound the memory.
@@ -205,6 +222,16 @@ class TrainableModel:
             chunk[n:] = 0.0
             out[start : start + n] = infer(x=chunk)["logits"][:n]
         return out
+
+    def _infer_runner(self) -> Any:
+        """The delegate's `infer`, with current weights, or the CPU's."""
+        if self._delegated is None:
+            return self._runners["infer"]
+        if self._stale:
+            for part in self.spec.parts:
+                self._delegated[f"set_{part}"](**{part: self.get_part(part)})
+            self._stale = False
+        return self._delegated["infer"]
 
     # -- parts ---------------------------------------------------------------
     def _size(self, name: str) -> int:
@@ -231,6 +258,7 @@ class TrainableModel:
     def set_part(self, name: str, values: np.ndarray) -> None:
         """Replace one part's weights; refuses a wrong size or non-finite values."""
         self._runners[f"set_{name}"](**{name: self._checked(name, values)})
+        self._stale = True
 
     def get_parts(self) -> dict[str, np.ndarray]:
         """Every part, by name."""
@@ -241,3 +269,4 @@ class TrainableModel:
         checked = {name: self._checked(name, values) for name, values in parts.items()}
         for name, values in checked.items():
             self._runners[f"set_{name}"](**{name: values})
+        self._stale = True

@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 
 from fedd import topics
+from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
 from fedd.agent.features import model_inputs
 from fedd.agent.learner import Learner, Scores
 from fedd.agent.readings import ReadingsReader
@@ -37,7 +38,7 @@ from fedd.agent.store import AgentStore
 from fedd.agent.windowing import Windower
 from fedd.config import AgentConfig
 from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
-from fedd.model import ModelSpec, TrainableModel
+from fedd.model import ModelError, ModelSpec, TrainableModel
 from fedd.service import Notifier
 from fedd.wire import Evaluation, GlobalModel, Heartbeat, ModelUpdate, Status, WireError
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 MAX_MODEL_BYTES = 64 * 1024 * 1024
 MAX_OUTBOX = 16
 RETENTION_EVERY = 64
-DELEGATE = "xnnpack"
 REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
 
@@ -64,7 +64,8 @@ class Agent:
         self.store = AgentStore(state_dir / "agent.sqlite", input_shape=self.spec.input_shape)
         self.inputs = model_inputs(self.spec.features)
         self.status_path = state_dir / "status.json"
-        self.learner = Learner(TrainableModel(self.spec), config.training,
+        self.delegate = choose_delegate(config.inference.delegates)
+        self.learner = Learner(self._load_model(), config.training,
                                seed=zlib.crc32(config.device_id.encode()))
         self.learner.restore(self.store.get("personal_head"), self.store.get("feature_mean"),
                              self.store.get("feature_scale"))
@@ -93,6 +94,22 @@ class Agent:
         self._link: Link | None = None
         self._job: asyncio.Future[object] | None = None
 
+    def _load_model(self) -> TrainableModel:
+        """The model, with inference on the chosen delegate when it accepts the model."""
+        for failure in self.delegate.failures:
+            log.warning("inference delegate unavailable: %s", failure)
+        if self.delegate.delegate is not None:
+            try:
+                model = TrainableModel(self.spec, delegate=self.delegate.delegate)
+            except ModelError as exc:
+                log.warning("inference delegate %s: %s", self.delegate.name, exc)
+                self.delegate = DelegateChoice(CPU, None, (*self.delegate.failures, str(exc)))
+            else:
+                log.info("inference runs on %s; training on the CPU", self.delegate.name)
+                return model
+        log.info("inference and training run on the CPU (%s)", CPU)
+        return TrainableModel(self.spec)
+
     @property
     def activity(self) -> str:
         if self.training_now:
@@ -103,7 +120,8 @@ class Agent:
 
     def reload(self, config: AgentConfig) -> None:
         """Apply training, store and heartbeat settings; others need a restart."""
-        fixed = ("device_id", "fleet", "state_dir", "broker", "model", "sensor", "window")
+        fixed = ("device_id", "fleet", "state_dir", "broker", "model", "sensor", "window",
+                 "inference")
         changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
         if changed:
             log.warning("reload: %s change(s) need a restart; applying the rest",
@@ -361,7 +379,7 @@ class Agent:
             windows=self.store.count_windows(), outbox=self.store.outbox_size(),
             updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes,
             last_update_seq=None if self.last_update is None else int(self.last_update["seq"]),
-            delegate=DELEGATE, rss_bytes=psutil.Process().memory_info().rss,
+            delegate=self.delegate.name, rss_bytes=psutil.Process().memory_info().rss,
             evaluation=evaluation)
 
     async def _heartbeat(self) -> None:

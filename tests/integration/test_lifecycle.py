@@ -349,3 +349,19 @@ def test_an_unread_notify_socket_never_blocks_the_agent(broker, fedd, tmp_path, 
         deaf.close()
         path.unlink()
         path.parent.rmdir()
+
+
+def test_a_missing_delegate_falls_back_to_the_cpu_and_says_so(broker, fedd, tmp_path,
+                                                              agent_yaml, wait_for, status_of):
+    state = tmp_path / "state"
+    agent = fedd.agent("delegated", agent_yaml(
+        tmp_path / "agent.yaml", broker=broker, device_id="delegated", state_dir=state,
+        inference={"delegates": ["libedgetpu.so.1", "/nonexistent/libvendor_npu.so"]}))
+    status = wait_for(lambda: status_of(state), timeout=TIMEOUT_S,
+                      what="the agent's first status", watch=[agent])
+    assert status["delegate"] == "xnnpack"
+    assert agent.terminate() == 0
+    log = agent.log()
+    assert "inference delegate unavailable: libedgetpu.so.1" in log
+    assert "inference delegate unavailable: /nonexistent/libvendor_npu.so" in log
+    assert "inference and training run on the CPU (xnnpack)" in log
