@@ -252,6 +252,23 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DriftConfig:
+    """When the device's recent data departs from what its model was trained on."""
+
+    enabled: bool = True
+    kl_threshold: float = setting(0.5, gt=0, max=100)
+    shift_threshold: float = setting(1.0, gt=0, max=100)
+    recent_windows: int = setting(128, min=8, max=100000)
+    min_windows: int = setting(32, min=4, max=100000)
+    check_interval_s: float = setting(10.0, gt=0, max=86400)
+
+    def __post_init__(self) -> None:
+        if self.min_windows > self.recent_windows:
+            raise ValueError(f"min_windows ({self.min_windows}) must not exceed "
+                             f"recent_windows ({self.recent_windows})")
+
+
+@dataclass(frozen=True, kw_only=True)
 class InferenceConfig:
     """Accelerators for inference; training always runs on the CPU."""
 
@@ -285,6 +302,7 @@ class AgentConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
 

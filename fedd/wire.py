@@ -24,6 +24,9 @@ import numpy as np
 
 FORMAT = 1
 CODEC_FLOAT32 = "float32"
+TRIGGER_VERSION = "version"  # a round on a global version the device had not trained on
+TRIGGER_DRIFT = "drift"  # a round its own data's drift asked for
+TRIGGERS = (TRIGGER_VERSION, TRIGGER_DRIFT)
 MAX_PARTS = 16
 MAX_PART_VALUES = 64 * 1024 * 1024
 MAX_JSON_BYTES = 16 * 1024
@@ -158,15 +161,16 @@ class ModelUpdate:
     parts: Mapping[str, np.ndarray] = field(repr=False)
     created: float
     codec: str = CODEC_FLOAT32
+    trigger: str = TRIGGER_VERSION
 
     KEYS: ClassVar[set[str]] = {"format", "device", "seq", "base_version", "model",
-                                "num_samples", "codec", "created", "parts"}
+                                "num_samples", "codec", "trigger", "created", "parts"}
 
     def encode(self) -> bytes:
         return cbor2.dumps({
             "format": FORMAT, "device": self.device, "seq": self.seq,
             "base_version": self.base_version, "model": self.model,
-            "num_samples": self.num_samples, "codec": self.codec,
+            "num_samples": self.num_samples, "codec": self.codec, "trigger": self.trigger,
             "created": self.created, "parts": encode_parts(self.parts),
         })
 
@@ -175,10 +179,13 @@ class ModelUpdate:
         obj = _load_cbor(payload, max_bytes, "update", cls.KEYS)
         if obj["codec"] != CODEC_FLOAT32:
             raise WireError("unknown-codec", f"codec {obj['codec']!r}")
+        if obj["trigger"] not in TRIGGERS:
+            raise WireError("bad-field", f"trigger {obj['trigger']!r} is not one of {TRIGGERS}")
         return cls(device=_identifier(obj, "device"), seq=_count(obj, "seq"),
                    base_version=_count(obj, "base_version"), model=_identifier(obj, "model"),
                    num_samples=_count(obj, "num_samples", minimum=1),
-                   parts=decode_parts(obj["parts"]), created=_finite(obj, "created"))
+                   parts=decode_parts(obj["parts"]), created=_finite(obj, "created"),
+                   trigger=obj["trigger"])
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,15 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """How far this device's recent windows depart from its training data."""
+
+    prediction_kl: float
+    feature_shift: float
+    windows: int
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """Device health and progress, published every interval and on new versions."""
 
@@ -255,6 +271,7 @@ class Heartbeat:
     delegate: str
     rss_bytes: int
     evaluation: Evaluation | None = None
+    drift: Drift | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -273,7 +290,9 @@ class Heartbeat:
 _JSON_KINDS: dict[str, tuple[type, ...]] = {
     "str": (str,), "float": (int, float), "int": (int,),
     "int | None": (int, type(None)), "Evaluation | None": (dict, type(None)),
+    "Drift | None": (dict, type(None)),
 }
+_NESTED: dict[str, type] = {"evaluation": Evaluation, "drift": Drift}
 
 
 def _from_json(cls: type, obj: Any, what: str) -> Any:
@@ -289,7 +308,7 @@ def _from_json(cls: type, obj: Any, what: str) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise WireError("bad-field", f"{what}.{f.name} is not finite")
         if isinstance(value, dict):
-            value = _from_json(Evaluation, value, f"{what}.{f.name}")
+            value = _from_json(_NESTED[f.name], value, f"{what}.{f.name}")
         values[f.name] = value
     return cls(**values)
 

@@ -29,6 +29,7 @@ import psutil
 
 from fedd import topics
 from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
+from fedd.agent.drift import DriftMonitor, DriftScore
 from fedd.agent.features import model_inputs
 from fedd.agent.learner import Learner, Scores
 from fedd.agent.readings import ReadingsReader
@@ -40,7 +41,17 @@ from fedd.config import AgentConfig
 from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
 from fedd.model import ModelError, ModelSpec, TrainableModel
 from fedd.service import Notifier
-from fedd.wire import Evaluation, GlobalModel, Heartbeat, ModelUpdate, Status, WireError
+from fedd.wire import (
+    TRIGGER_DRIFT,
+    TRIGGER_VERSION,
+    Drift,
+    Evaluation,
+    GlobalModel,
+    Heartbeat,
+    ModelUpdate,
+    Status,
+    WireError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,12 @@ class Agent:
         holdout = self.source.holdout()
         self.holdout = None if holdout is None else (
             self.inputs(holdout[0], self.source.rate_hz), holdout[1].astype(np.int32))
+        drift = config.drift
+        self.drift = DriftMonitor(self.spec.num_classes, recent=drift.recent_windows,
+                                  min_windows=drift.min_windows)
+        self.drift_score: DriftScore | None = None
+        self.drift_reason: str | None = None  # set when drift asks for a round
+        self._unscored: list[np.ndarray] = []  # inputs not yet seen by the drift monitor
         self.started = time.monotonic()
         self.training_now = False
         self.stream_ended = False
@@ -151,7 +168,7 @@ class Agent:
             try:
                 async with asyncio.TaskGroup() as group:
                     for job in (self._sample, self._listen, self._train, self._publish,
-                                self._report):
+                                self._report, self._watch_drift):
                         group.create_task(job())
                     group.create_task(self._until(stop))
             except* _Stopping:
@@ -194,8 +211,10 @@ class Agent:
             if not len(windows):
                 continue
             cursor = chunk.cursor - self.windower.pending
-            self.store.add_windows(self.inputs(windows, rate), labels,
-                                   state={"sensor_cursor": cursor})
+            inputs = self.inputs(windows, rate)
+            self.store.add_windows(inputs, labels, state={"sensor_cursor": cursor})
+            if self.config.drift.enabled:
+                self._unscored = [*self._unscored, inputs][-self.config.drift.recent_windows:]
             since_retention += len(windows)
             if since_retention >= RETENTION_EVERY:
                 self.store.enforce_retention(max_windows=self.config.store.max_windows,
@@ -245,8 +264,44 @@ class Agent:
         self.learner.fit_scaler(features)
         self.learner.personalize(features, labels)
         self.store.put(**self._personal_state())
+        self._drift_reference(features)
         if self.holdout is not None:
             self.evaluation = self.learner.evaluate(*self.holdout)
+
+    @staticmethod
+    def _drift_summary(inputs: np.ndarray) -> np.ndarray:
+        """Per-window statistics drift compares: features, or a raw window's channel means."""
+        return inputs if inputs.ndim == 2 else inputs.mean(axis=1)
+
+    def _drift_reference(self, features: np.ndarray) -> None:
+        """What the model now reflects: the stored windows as it classifies them (worker)."""
+        self.drift.set_reference(self.learner.predict(features), self._drift_summary(features))
+        self.drift_reason = None
+
+    def _score_drift(self, inputs: np.ndarray) -> DriftScore | None:
+        """Fold new windows into the drift monitor and score it (worker)."""
+        if self.learner.version is None or not self.drift.has_reference:
+            return None
+        self.drift.observe(self.learner.predict(inputs), self._drift_summary(inputs))
+        return self.drift.score()
+
+    async def _watch_drift(self) -> None:
+        """Score new windows every few seconds; a crossed threshold asks for a round."""
+        while True:
+            await asyncio.sleep(self.config.drift.check_interval_s)
+            if not self.config.drift.enabled or not self._unscored:
+                continue
+            inputs, self._unscored = np.concatenate(self._unscored), []
+            score = await self._in_worker(self._score_drift, inputs)
+            if score is None:
+                continue
+            self.drift_score = score
+            reason = score.exceeds(self.config.drift.kl_threshold,
+                                   self.config.drift.shift_threshold)
+            if reason and self.drift_reason is None:
+                log.info("drift: %s; asking for a training round", reason)
+                self.drift_reason = reason
+                self._wake_trainer.set()
 
     def _personal_state(self) -> dict[str, np.ndarray]:
         """What makes this device's model its own, as stored between runs."""
@@ -266,7 +321,7 @@ class Agent:
         labelled = self.store.count_windows(labelled_only=True)
         if labelled < training.min_windows:
             return f"waiting for data: {labelled}/{training.min_windows} labelled windows", 60.0
-        if self.last_trained_version == self.learner.version:
+        if self.last_trained_version == self.learner.version and self.drift_reason is None:
             return f"up to date: trained on version {self.learner.version}", 60.0
         backlog = self.store.outbox_size()
         if backlog >= MAX_OUTBOX:
@@ -277,7 +332,8 @@ class Agent:
         decision = self.scheduler.decide(self.readings.read(), time.time())
         if not decision.run:
             return decision.reason, min(max(decision.wait_s, 1.0), SCHEDULER_RECHECK_S)
-        return f"training on version {self.learner.version} ({decision.reason})", 0.0
+        why = self.drift_reason or f"new version {self.learner.version}"
+        return f"training: {why} ({decision.reason})", 0.0
 
     async def _train(self) -> None:
         while True:
@@ -297,17 +353,22 @@ class Agent:
     def _local_round(self) -> None:
         """Train, personalize and queue the update durably (worker)."""
         features, labels = self.store.labelled_windows()
+        trigger = (TRIGGER_VERSION if self.last_trained_version != self.learner.version
+                   else TRIGGER_DRIFT)
         with self.scheduler.training_run(self.readings) as run:
             self.learner.fit_scaler(features)
             result = self.learner.local_round(features, labels)
             self.learner.personalize(features, labels)
         self.scheduler.record_run(run.cpu_s, run.energy_j or 0.0, time.time())
+        drift_reason = self.drift_reason
+        self._drift_reference(features)
         seq = int(self.store.get("next_seq", 0))
         update = ModelUpdate(device=self.config.device_id, seq=seq,
                              base_version=result.base_version, model=self.spec.name,
                              num_samples=result.num_samples, parts=result.delta,
-                             created=time.time())
+                             created=time.time(), trigger=trigger)
         self.last_update = {"seq": seq, "base_version": result.base_version,
+                            "trigger": trigger, "drift": drift_reason,
                             "samples": result.num_samples, "time": update.created,
                             "loss_before": round(result.loss_before, 4),
                             "loss_after": round(result.loss_after, 4),
@@ -320,8 +381,9 @@ class Agent:
                                **self._personal_state()})
         self.last_trained_version = result.base_version
         self.last_round_at = time.monotonic()
-        log.info("update %d queued: version %d, %d windows, loss %.3f → %.3f", seq,
-                 result.base_version, result.num_samples, result.loss_before, result.loss_after)
+        log.info("update %d queued (%s): version %d, %d windows, loss %.3f → %.3f", seq,
+                 trigger, result.base_version, result.num_samples, result.loss_before,
+                 result.loss_after)
 
     # publisher
 
@@ -380,7 +442,10 @@ class Agent:
             updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes,
             last_update_seq=None if self.last_update is None else int(self.last_update["seq"]),
             delegate=self.delegate.name, rss_bytes=psutil.Process().memory_info().rss,
-            evaluation=evaluation)
+            evaluation=evaluation, drift=None if self.drift_score is None else Drift(
+                prediction_kl=round(self.drift_score.prediction_kl, 4),
+                feature_shift=round(self.drift_score.feature_shift, 4),
+                windows=self.drift_score.windows))
 
     async def _heartbeat(self) -> None:
         """Publish a heartbeat (QoS 0: the next one supersedes it) and the status."""

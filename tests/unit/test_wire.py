@@ -102,6 +102,7 @@ def test_update_payload_is_the_documented_map() -> None:
     obj = cbor2.loads(update().encode())
     assert set(obj) == ModelUpdate.KEYS
     assert obj["format"] == FORMAT and obj["codec"] == "float32"
+    assert obj["trigger"] == "version"
     assert obj["parts"]["head"] == tricky_parts()["head"].astype("<f4").tobytes()
 
 
@@ -176,14 +177,20 @@ def test_trailing_bytes_after_the_map(decode: str, trailer: bytes) -> None:
 
 def test_repeated_key_is_refused() -> None:
     valid = update().encode()
-    assert valid[0] == 0xA9  # a map of 9 pairs
-    payload = b"\xaa" + valid[1:] + cbor2.dumps("seq") + cbor2.dumps(99)
+    assert valid[0] == 0xAA  # a map of 10 pairs
+    payload = b"\xab" + valid[1:] + cbor2.dumps("seq") + cbor2.dumps(99)
     assert reason_of(payload) in {"bad-keys", "not-cbor"}
 
 
 @pytest.mark.parametrize("value", [[1, 2], "update", 5, None, b"\xa0", 1.5])
 def test_not_a_map(value: Any) -> None:
     assert reason_of(cbor2.dumps(value)) == "not-a-map"
+
+
+def test_unknown_trigger_is_a_bad_field() -> None:
+    obj = raw_update()
+    obj["trigger"] = "whim"
+    assert reason_of(cbor2.dumps(obj)) == "bad-field"
 
 
 @pytest.mark.parametrize("mutate", [
