@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+CACHE_KIB = 512
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY, stored_at REAL NOT NULL, label INTEGER NOT NULL,
@@ -48,6 +49,8 @@ class AgentStore:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # A few hundred KiB of page cache is plenty for append-mostly tables on a Pi.
+        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
