@@ -1,0 +1,357 @@
+"""An in-process federated simulation, the fast harness for comparing strategies.
+
+No broker and no processes (`fedd fleet` is the real multi-process fleet):
+each HAPT person is one device with the real `Learner` on its own LiteRT
+interpreter, and the hub is the real FedBuff buffer of `fedd.hub.aggregate`.
+A device trains on its past (the first 70 % of each activity's windows, in
+time order) and is scored on its future (the rest), as `hapt_person` splits.
+
+Two schedules:
+
+* ``sync``: each round K of the N devices, chosen at random, run a local round
+  on the current version; their updates (staleness 0) make the next version.
+* ``async``: every device trains continuously; FedBuff publishes a version
+  whenever K updates are buffered, stale updates are damped
+  (s(τ) = (1 + τ)^-a) and those staler than `max_staleness` are dropped, as
+  the hub does.
+
+Both run until version `rounds` (``local``, which sends nothing, for `rounds`
+x K local rounds). A share of the devices is `slow_factor` times slower;
+`sim_time` is the simulated clock in rounds of a fast device (a synchronous
+round waits for its slowest device). Every device adopts every version and
+re-personalizes, as the agent's daemon does. `label_skew`
+keeps only 2-4 of the 6 activities per person (seeded), in both the training
+and the holdout windows, as real users who never climb stairs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fedd.agent.features import FEATURE_SET, model_inputs
+from fedd.agent.learner import STRATEGIES, Learner, make_strategy
+from fedd.config import TrainingConfig
+from fedd.datasets import hapt, hapt_person
+from fedd.datasets.windows import window_labels, window_starts
+from fedd.hub.aggregate import FedBuff, apply_delta
+from fedd.model import ModelSpec, TrainableModel
+from fedd.wire import GlobalModel
+
+__all__ = ["DeviceData", "PersonResult", "SimOptions", "SimResult", "load_fleet",
+           "simulate", "skewed_classes"]
+
+MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
+WINDOW, STEP = 128, 64
+NUM_CLASSES = len(hapt.ACTIVITIES)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """One person's model inputs: train (x, y) and holdout (hx, hy), in time order."""
+
+    person: int
+    x: np.ndarray
+    y: np.ndarray
+    hx: np.ndarray
+    hy: np.ndarray
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(set(self.y.tolist()) | set(self.hy.tolist()))
+
+    def keep(self, classes: Sequence[int]) -> DeviceData:
+        """Only the windows of `classes`, in training and holdout alike."""
+        train, test = np.isin(self.y, classes), np.isin(self.hy, classes)
+        return DeviceData(self.person, self.x[train], self.y[train], self.hx[test], self.hy[test])
+
+
+@cache
+def _hapt_people() -> dict[int, list[hapt.Recording]]:
+    return hapt.load()
+
+
+@cache
+def _featurized(person: int, feature_set: str) -> DeviceData:
+    """A HAPT person's stream windows and holdout as model inputs (cached per process)."""
+    inputs = model_inputs(feature_set)
+    data = hapt_person(person, WINDOW, STEP, people=_hapt_people())
+    xs, ys = [], []
+    for seg in data.stream:
+        starts = window_starts(len(seg.samples), WINDOW, STEP)
+        labels = window_labels(seg.labels, starts, WINDOW)
+        keep = labels >= 0
+        windows = seg.samples[starts[keep][:, None] + np.arange(WINDOW)[None, :]]
+        xs.append(inputs(windows, hapt.SAMPLE_RATE_HZ))
+        ys.append(labels[keep])
+    return DeviceData(person, np.concatenate(xs), np.concatenate(ys).astype(np.int32),
+                      inputs(data.holdout_windows, hapt.SAMPLE_RATE_HZ),
+                      data.holdout_labels.astype(np.int32))
+
+
+def skewed_classes(person: int, available: Sequence[int], seed: int) -> list[int]:
+    """2-4 of a person's activities, drawn reproducibly from (seed, person)."""
+    rng = np.random.default_rng([seed, person, 0x5EED])
+    available = sorted(available)
+    k = int(rng.integers(2, min(4, len(available)) + 1))
+    return sorted(int(c) for c in rng.choice(available, size=k, replace=False))
+
+
+def load_fleet(people: Sequence[int], *, label_skew: bool = False, seed: int = 0,
+               feature_set: str = FEATURE_SET) -> list[DeviceData]:
+    """The devices' data as `feature_set` inputs (the model's, from its manifest);
+    with `label_skew`, each keeps 2-4 activities (seeded)."""
+    fleet = []
+    for person in people:
+        data = _featurized(int(person), feature_set)
+        if label_skew:
+            both = sorted(set(data.y.tolist()) & set(data.hy.tolist()))
+            data = data.keep(skewed_classes(data.person, both, seed))
+        fleet.append(data)
+    return fleet
+
+
+# ---------------------------------------------------------------- options and results
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimOptions:
+    """One simulated fleet run. Training defaults are the measured ones (bench-personalization)."""
+
+    strategy: str = "finetune"
+    strategy_params: dict[str, float] = field(default_factory=dict)
+    people: tuple[int, ...] = tuple(range(1, 31))
+    rounds: int = 300
+    per_round: int = 10
+    mode: Literal["sync", "async"] = "sync"
+    slow_share: float = 0.2
+    slow_factor: float = 5.0
+    label_skew: bool = False
+    seed: int = 0
+    epochs: int = 2
+    learning_rate: float = 0.2
+    head_epochs: int = 1
+    server_learning_rate: float = 1.0
+    staleness_exponent: float = 0.5
+    max_staleness: int = 20
+    model: str = "har-mlp"
+    manifest: str = str(MANIFEST)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r} "
+                             f"(known: {', '.join(STRATEGIES)})")
+        make_strategy(self.strategy, **self.strategy_params)  # validates the params
+        object.__setattr__(self, "people", tuple(int(p) for p in self.people))
+        if not self.people or len(set(self.people)) != len(self.people):
+            raise ValueError(f"people must be distinct HAPT ids, got {self.people}")
+        if not 1 <= self.per_round <= len(self.people):
+            raise ValueError(f"per_round must be 1-{len(self.people)} (the fleet's size), "
+                             f"got {self.per_round}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
+        if not 0 <= self.slow_share <= 1 or self.slow_factor < 1:
+            raise ValueError("slow_share must be in [0, 1] and slow_factor >= 1")
+
+    @property
+    def training(self) -> TrainingConfig:
+        return TrainingConfig(epochs=self.epochs, learning_rate=self.learning_rate,
+                              head_epochs=self.head_epochs)
+
+
+@dataclass(frozen=True)
+class PersonResult:
+    """One device at the end: the final global model and its own, on its holdout."""
+
+    person: int
+    classes: list[int]
+    train_windows: int
+    holdout_windows: int
+    global_accuracy: float
+    personal_accuracy: float
+
+
+@dataclass(frozen=True)
+class SimResult:
+    options: SimOptions
+    people: list[PersonResult]
+    versions: int
+    local_rounds: int
+    updates_folded: int
+    updates_dropped: int
+    uplink_values: int
+    sim_time: float
+    wall_s: float
+
+    @property
+    def personal_accuracy(self) -> np.ndarray:
+        return np.array([p.personal_accuracy for p in self.people])
+
+    @property
+    def global_accuracy(self) -> np.ndarray:
+        return np.array([p.global_accuracy for p in self.people])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> SimResult:
+        options = dict(obj["options"])
+        options["people"] = tuple(options["people"])
+        return cls(**{**obj, "options": SimOptions(**options),
+                      "people": [PersonResult(**p) for p in obj["people"]]})
+
+    @classmethod
+    def from_json(cls, text: str) -> SimResult:
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------- the simulation
+
+
+class _Hub:
+    """The real FedBuff buffer and delta rule, versions as GlobalModel."""
+
+    def __init__(self, spec: ModelSpec, initial: dict[str, np.ndarray],
+                 options: SimOptions) -> None:
+        self.spec = spec
+        self.options = options
+        self.buffer = FedBuff(buffer_size=options.per_round, max_wait_s=1e9, quorum=1,
+                              staleness_exponent=options.staleness_exponent)
+        self.current = self._version(0, initial, contributors=0, staleness=0.0)
+        self.folded = self.dropped = self.uplink = 0
+
+    def _version(self, version: int, parts: dict[str, np.ndarray], *, contributors: int,
+                 staleness: float) -> GlobalModel:
+        return GlobalModel(version=version, parent=version - 1 if version else None,
+                           model=self.spec.name, model_sha256=self.spec.sha256, created=0.0,
+                           contributors=contributors, mean_staleness=staleness, parts=parts)
+
+    def receive(self, delta: dict[str, np.ndarray], samples: int, base: int) -> None:
+        self.uplink += sum(v.size for v in delta.values())
+        staleness = self.current.version - base
+        if staleness > self.options.max_staleness:
+            self.dropped += 1
+            return
+        self.buffer.fold(delta, num_samples=samples, staleness=staleness)
+        self.folded += 1
+
+    def maybe_publish(self) -> GlobalModel | None:
+        if not self.buffer.ready(now=0.0):
+            return None
+        flushed = self.buffer.flush()
+        # A strategy that shares only some parts (fedper: the body) leaves the rest as is.
+        current = self.current.parts
+        moved = apply_delta({n: current[n] for n in flushed.delta}, flushed.delta,
+                            self.options.server_learning_rate)
+        self.current = self._version(self.current.version + 1, {**current, **moved},
+                                     contributors=flushed.contributors,
+                                     staleness=flushed.mean_staleness)
+        return self.current
+
+
+class _Device:
+    def __init__(self, data: DeviceData, learner: Learner) -> None:
+        self.data = data
+        self.learner = learner
+
+    def adopt(self, model: GlobalModel) -> None:
+        """What the daemon does with a new version: apply it and re-personalize."""
+        self.learner.apply_global(model)
+        self.learner.personalize(self.data.x, self.data.y)
+
+    def round(self) -> tuple[dict[str, np.ndarray], int, int]:
+        """What the daemon's trainer does: a local round, then personalize."""
+        result = self.learner.local_round(self.data.x, self.data.y)
+        self.learner.personalize(self.data.x, self.data.y)
+        return result.delta, result.num_samples, result.base_version
+
+
+def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
+             progress: Callable[[str], None] | None = None) -> SimResult:
+    """Run one simulated fleet; `fleet` overrides the data `options` would load."""
+    started = time.perf_counter()
+    spec = ModelSpec.from_manifest(options.manifest, options.model)
+    if fleet is None:
+        fleet = load_fleet(options.people, label_skew=options.label_skew, seed=options.seed,
+                           feature_set=spec.features)
+    devices = []
+    for data in fleet:
+        learner = Learner(TrainableModel(spec), options.training,
+                          strategy=make_strategy(options.strategy, **options.strategy_params),
+                          seed=options.seed * 1000 + data.person)
+        learner.fit_scaler(data.x)
+        devices.append(_Device(data, learner))
+    hub = _Hub(spec, TrainableModel(spec).get_parts(), options)
+    for device in devices:
+        device.adopt(hub.current)
+    rng = np.random.default_rng([options.seed, 0xF1EE7])
+    budget = options.rounds * options.per_round
+
+    def publish() -> None:
+        model = hub.maybe_publish()
+        if model is None:
+            return
+        for device in devices:
+            device.adopt(model)
+        if progress and (model.version % 10 == 0 or model.version == options.rounds):
+            progress(f"version {model.version}")
+
+    # Simulated time, in rounds of a typical fast device; slow ones take `slow_factor` x.
+    slow = set(rng.choice(len(devices), round(options.slow_share * len(devices)),
+                          replace=False).tolist())
+
+    def duration(i: int) -> float:
+        return (options.slow_factor if i in slow else 1.0) * rng.uniform(0.8, 1.2)
+
+    local_rounds, clock = 0, 0.0
+    shares = bool(devices[0].learner.strategy.shared)
+    if options.mode == "sync":
+        for _ in range(options.rounds):
+            chosen = rng.choice(len(devices), options.per_round, replace=False)
+            for i in chosen:
+                delta, samples, base = devices[i].round()
+                if delta:
+                    hub.receive(delta, samples, base)
+            clock += max(duration(i) for i in chosen)  # a round waits for its slowest
+            local_rounds += options.per_round
+            publish()
+    else:
+        # (finish time, device, its update): an update is computed when its round
+        # starts, on the version the device holds then, and arrives when it ends.
+        running: list[tuple[float, int, tuple[dict[str, np.ndarray], int, int]]] = []
+        for i, device in enumerate(devices):
+            heapq.heappush(running, (duration(i), i, device.round()))
+        while (hub.current.version < options.rounds if shares else local_rounds < budget):
+            clock, i, (delta, samples, base) = heapq.heappop(running)
+            local_rounds += 1
+            if delta:
+                hub.receive(delta, samples, base)
+                publish()
+            heapq.heappush(running, (clock + duration(i), i, devices[i].round()))
+
+    people = []
+    for device in devices:
+        data = device.data
+        scores = device.learner.evaluate(data.hx, data.hy)
+        people.append(PersonResult(data.person, data.classes, len(data.y), len(data.hy),
+                                   scores.global_accuracy, scores.personal_accuracy))
+    return SimResult(options=options, people=people, versions=hub.current.version,
+                     local_rounds=local_rounds, updates_folded=hub.folded,
+                     updates_dropped=hub.dropped, uplink_values=hub.uplink,
+                     sim_time=round(clock, 3),
+                     wall_s=round(time.perf_counter() - started, 3))
+

@@ -1,0 +1,97 @@
+"""The in-process federated simulation: real Learner, LiteRT and FedBuff on HAPT people."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedd.fleet.simulate import SimOptions, SimResult, load_fleet, simulate, skewed_classes
+
+PEOPLE = (1, 2, 3, 4)
+SHORT = SimOptions(people=PEOPLE, rounds=12, per_round=2, epochs=2, learning_rate=0.1,
+                   head_epochs=2)
+BODY_SIZE = 8288  # har-mlp's manifest
+
+
+@pytest.fixture(scope="module")
+def finetune() -> SimResult:
+    return simulate(SHORT)
+
+
+def test_a_short_simulation_beats_chance_by_far(finetune: SimResult) -> None:
+    assert [p.person for p in finetune.people] == list(PEOPLE)
+    assert finetune.versions == 12 and finetune.local_rounds == 24
+    assert finetune.updates_folded == 24 and finetune.updates_dropped == 0
+    assert finetune.personal_accuracy.mean() > 0.8  # chance is 1/6
+    assert finetune.global_accuracy.mean() > 0.6
+    for person in finetune.people:
+        assert person.classes == list(range(6))
+        assert person.train_windows > 150 and person.holdout_windows > 50
+
+
+def test_json_round_trip(finetune: SimResult) -> None:
+    again = SimResult.from_json(finetune.to_json())
+    assert again == finetune
+    assert again.options.people == PEOPLE
+
+
+def test_uplink_counts_exactly_the_shared_parts() -> None:
+    fedper = simulate(dataclasses.replace(SHORT, strategy="fedper", rounds=3))
+    assert fedper.uplink_values == fedper.updates_folded * BODY_SIZE
+    local = simulate(dataclasses.replace(SHORT, strategy="local", rounds=6))
+    assert local.uplink_values == 0 and local.versions == 0 and local.local_rounds == 12
+    assert local.personal_accuracy.mean() > 0.6
+
+
+def test_async_fedbuff_with_slow_devices() -> None:
+    result = simulate(dataclasses.replace(SHORT, mode="async", rounds=8, slow_share=0.5,
+                                          slow_factor=4.0, max_staleness=1))
+    assert result.versions == 8
+    assert result.updates_folded == 8 * 2
+    assert result.updates_dropped > 0  # the slow devices' rounds came back too stale
+    assert result.personal_accuracy.mean() > 0.6
+
+
+def test_label_skew_keeps_two_to_four_classes_in_train_and_holdout() -> None:
+    fleet = load_fleet(range(1, 31), label_skew=True, seed=5)
+    full = load_fleet(range(1, 31))
+    for data, whole in zip(fleet, full, strict=True):
+        kept = set(data.y.tolist())
+        assert 2 <= len(kept) <= 4
+        assert set(data.hy.tolist()) == kept
+        assert data.classes == sorted(kept)
+        # Every window of a kept activity stays; nothing else does.
+        assert len(data.y) == np.isin(whole.y, list(kept)).sum()
+        assert len(data.hx) == len(data.hy) == np.isin(whole.hy, list(kept)).sum()
+    assert {len(d.classes) for d in fleet} == {2, 3, 4}
+
+
+def test_label_skew_is_reproducible_by_seed() -> None:
+    def kept(seed: int) -> list[list[int]]:
+        return [d.classes for d in load_fleet(range(1, 31), label_skew=True, seed=seed)]
+
+    assert kept(3) == kept(3)
+    assert kept(3) != kept(4)
+    assert skewed_classes(9, range(6), 1) == skewed_classes(9, range(6), 1)
+
+
+def test_a_skewed_short_run_reports_each_persons_classes() -> None:
+    result = simulate(dataclasses.replace(SHORT, label_skew=True, seed=2, rounds=4))
+    for person, data in zip(result.people, load_fleet(PEOPLE, label_skew=True, seed=2),
+                            strict=True):
+        assert person.classes == data.classes and 2 <= len(person.classes) <= 4
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"strategy": "fedprox"}, "unknown strategy"),
+    ({"strategy_params": {"lam": 0.1}}, "does not take"),
+    ({"per_round": 5}, "per_round must be 1-4"),
+    ({"people": (1, 1)}, "distinct"),
+    ({"mode": "later"}, "mode must be"),
+    ({"rounds": 0}, "rounds must be"),
+])
+def test_bad_options_are_refused(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(SHORT, **change)
