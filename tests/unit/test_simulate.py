@@ -7,12 +7,20 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedd.fleet.simulate import SimOptions, SimResult, load_fleet, simulate, skewed_classes
+from fedd.fleet.simulate import (
+    MANIFEST,
+    SimOptions,
+    SimResult,
+    load_fleet,
+    simulate,
+    skewed_classes,
+)
+from fedd.model import ModelSpec
 
 PEOPLE = (1, 2, 3, 4)
 SHORT = SimOptions(people=PEOPLE, rounds=12, per_round=2, epochs=2, learning_rate=0.1,
                    head_epochs=2)
-BODY_SIZE = 8288  # har-mlp's manifest
+BODY_SIZE = ModelSpec.from_manifest(MANIFEST, SHORT.model).parts["body"]
 
 
 @pytest.fixture(scope="module")
