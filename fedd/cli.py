@@ -94,7 +94,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"store         {status['windows']} windows   outbox {status['outbox']} queued")
     print(f"uplink        {status['updates_sent']} updates, {status['uplink_bytes']} bytes")
     if last:
-        print(f"last update   seq {last['seq']} on version {last['base_version']}, "
+        sent = "not sent (local)" if last["seq"] is None else f"seq {last['seq']}"
+        print(f"last round    {sent}, {last.get('trigger', 'version')} on version "
+              f"{last['base_version']}, "
               f"{last['samples']} windows, loss {last['loss_before']} → {last['loss_after']}, "
               f"{_age(now - last['time'])}")
         if last.get("energy_j") is not None:
@@ -114,7 +116,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     try:
         options = FleetOptions(
             devices=args.devices, versions=args.versions, timeout_s=args.timeout,
-            speed=args.speed, buffer_size=args.buffer_size,
+            speed=args.speed, buffer_size=args.buffer_size, strategy=args.strategy,
+            model=args.model,
             out=Path(args.out or time.strftime("runs/fleet-%Y%m%d-%H%M%S")))
     except ValueError as exc:
         print(f"fedd fleet: {exc}", file=sys.stderr)
@@ -153,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--timeout", type=float, default=600.0, help="stop after this long (s)")
     fleet.add_argument("--speed", type=float, default=50.0, help="replay clock speed-up")
     fleet.add_argument("--buffer-size", type=int, default=5, help="FedBuff K")
+    fleet.add_argument("--strategy", default="finetune",
+                       choices=["finetune", "fedavg", "fedper", "fedrep", "ditto", "local"],
+                       help="what stays personal (training.strategy)")
+    fleet.add_argument("--model", default="har-mlp", help="shipped model (models/manifest.json)")
     fleet.add_argument("--out", default=None,
                        help="run folder for configs, logs and the report "
                             "(default: runs/fleet-<date>-<time>)")

@@ -204,12 +204,13 @@ class StoreConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    """When and how hard a device trains; the head stays on the device."""
+    """When and how hard a device trains, and what stays personal (the strategy)."""
 
+    strategy: Literal["finetune", "fedavg", "fedper", "fedrep", "ditto", "local"] = "finetune"
     min_windows: int = setting(64, min=1)
     epochs: int = setting(2, min=1, max=100)
-    learning_rate: float = setting(0.05, gt=0, max=10)
-    head_epochs: int = setting(3, min=0, max=100)
+    learning_rate: float = setting(0.2, gt=0, max=10)
+    head_epochs: int = setting(1, min=0, max=100)
     min_interval_s: float = setting(60.0, min=0)
 
 

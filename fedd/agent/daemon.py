@@ -74,12 +74,17 @@ class Agent:
         state_dir = Path(config.state_dir)
         self.store = AgentStore(state_dir / "agent.sqlite", input_shape=self.spec.input_shape)
         self.inputs = model_inputs(self.spec.features)
+        self._adopt_model_state()
         self.status_path = state_dir / "status.json"
         self.delegate = choose_delegate(config.inference.delegates)
         self.learner = Learner(self._load_model(), config.training,
+                               strategy=config.training.strategy,
                                seed=zlib.crc32(config.device_id.encode()))
-        self.learner.restore(self.store.get("personal_head"), self.store.get("feature_mean"),
-                             self.store.get("feature_scale"))
+        if self.store.get("strategy", config.training.strategy) == config.training.strategy:
+            self.learner.restore_state({k: self.store.get(k) for k in self.learner.state_keys()})
+        else:
+            log.warning("strategy changed from %s to %s: personal state starts afresh",
+                        self.store.get("strategy"), config.training.strategy)
         self.readings = ReadingsReader(cpu_window_s=config.scheduler.cpu_window_s)
         self.scheduler = Scheduler.from_state(self.store.get("scheduler"), config.scheduler)
         self.source = open_source(config.sensor, config.window)
@@ -102,6 +107,7 @@ class Agent:
         self.updates_sent = int(self.store.get("updates_sent", 0))
         self.uplink_bytes = int(self.store.get("uplink_bytes", 0))
         self.last_trained_version: int | None = self.store.get("last_trained_version")
+        self.labelled_at_last_round = int(self.store.get("labelled_at_last_round", 0))
         self.last_round_at = 0.0
         self._model_lock = asyncio.Lock()
         # One thread for all model work: training lowers its priority while it runs.
@@ -110,6 +116,18 @@ class Agent:
         self._wake_publisher = asyncio.Event()
         self._link: Link | None = None
         self._job: asyncio.Future[object] | None = None
+
+    def _adopt_model_state(self) -> None:
+        """A state directory made for another model keeps its outbox, not its windows."""
+        before = self.store.get("model")
+        if before not in (None, self.spec.name):
+            dropped = self.store.forget_windows()
+            keys = ("personal_head", "personal_body", "feature_mean", "feature_scale",
+                    "last_trained_version", "labelled_at_last_round", "sensor_cursor")
+            self.store.forget(*keys)
+            log.warning("model changed from %s to %s: dropped %d stored windows and the "
+                        "personal state made for it", before, self.spec.name, dropped)
+        self.store.put(model=self.spec.name)
 
     def _load_model(self) -> TrainableModel:
         """The model, with inference on the chosen delegate when it accepts the model."""
@@ -144,6 +162,11 @@ class Agent:
             log.warning("reload: %s change(s) need a restart; applying the rest",
                         ", ".join(changed))
             config = dataclasses.replace(config, **{k: getattr(self.config, k) for k in changed})
+        if (config.drift.recent_windows, config.drift.min_windows) != (
+                self.config.drift.recent_windows, self.config.drift.min_windows):
+            self.drift = DriftMonitor(self.spec.num_classes, recent=config.drift.recent_windows,
+                                      min_windows=config.drift.min_windows)
+            self.drift_score = None  # a fresh reference comes with the next round
         self.config = config
         self.learner.training = config.training
         self.scheduler.config = config.scheduler
@@ -303,13 +326,9 @@ class Agent:
                 self.drift_reason = reason
                 self._wake_trainer.set()
 
-    def _personal_state(self) -> dict[str, np.ndarray]:
+    def _personal_state(self) -> dict[str, object]:
         """What makes this device's model its own, as stored between runs."""
-        learner = self.learner
-        assert learner.personal_head is not None and learner.mean is not None
-        assert learner.scale is not None
-        return {"personal_head": learner.personal_head, "feature_mean": learner.mean,
-                "feature_scale": learner.scale}
+        return {**self.learner.personal_state(), "strategy": self.config.training.strategy}
 
     # trainer
 
@@ -321,8 +340,12 @@ class Agent:
         labelled = self.store.count_windows(labelled_only=True)
         if labelled < training.min_windows:
             return f"waiting for data: {labelled}/{training.min_windows} labelled windows", 60.0
-        if self.last_trained_version == self.learner.version and self.drift_reason is None:
-            return f"up to date: trained on version {self.learner.version}", 60.0
+        if self.drift_reason is None:
+            if not self.learner.strategy.shared:  # local: new data, not versions, is news
+                if labelled == self.labelled_at_last_round:
+                    return f"up to date: trained on all {labelled} labelled windows", 60.0
+            elif self.last_trained_version == self.learner.version:
+                return f"up to date: trained on version {self.learner.version}", 60.0
         backlog = self.store.outbox_size()
         if backlog >= MAX_OUTBOX:
             return f"deferred: {backlog} updates await the broker", 5.0
@@ -332,7 +355,8 @@ class Agent:
         decision = self.scheduler.decide(self.readings.read(), time.time())
         if not decision.run:
             return decision.reason, min(max(decision.wait_s, 1.0), SCHEDULER_RECHECK_S)
-        why = self.drift_reason or f"new version {self.learner.version}"
+        why = self.drift_reason or (f"new version {self.learner.version}"
+                                    if self.learner.strategy.shared else "new windows")
         return f"training: {why} ({decision.reason})", 0.0
 
     async def _train(self) -> None:
@@ -353,8 +377,7 @@ class Agent:
     def _local_round(self) -> None:
         """Train, personalize and queue the update durably (worker)."""
         features, labels = self.store.labelled_windows()
-        trigger = (TRIGGER_VERSION if self.last_trained_version != self.learner.version
-                   else TRIGGER_DRIFT)
+        trigger = TRIGGER_DRIFT if self.drift_reason else TRIGGER_VERSION
         with self.scheduler.training_run(self.readings) as run:
             self.learner.fit_scaler(features)
             result = self.learner.local_round(features, labels)
@@ -362,28 +385,35 @@ class Agent:
         self.scheduler.record_run(run.cpu_s, run.energy_j or 0.0, time.time())
         drift_reason = self.drift_reason
         self._drift_reference(features)
-        seq = int(self.store.get("next_seq", 0))
-        update = ModelUpdate(device=self.config.device_id, seq=seq,
-                             base_version=result.base_version, model=self.spec.name,
-                             num_samples=result.num_samples, parts=result.delta,
-                             created=time.time(), trigger=trigger)
+        if self.holdout is not None:
+            self.evaluation = self.learner.evaluate(*self.holdout)
+        created = time.time()
+        shares = bool(result.delta)  # the `local` strategy shares nothing: nothing to send
+        seq = int(self.store.get("next_seq", 0)) if shares else None
         self.last_update = {"seq": seq, "base_version": result.base_version,
                             "trigger": trigger, "drift": drift_reason,
-                            "samples": result.num_samples, "time": update.created,
+                            "samples": result.num_samples, "time": created,
                             "loss_before": round(result.loss_before, 4),
                             "loss_after": round(result.loss_after, 4),
                             **run.as_dict()}
-        self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
-                           update.encode(), seq=seq, state={
-                               "next_seq": seq + 1, "last_trained_version": result.base_version,
-                               "last_update": self.last_update,
-                               "scheduler": self.scheduler.to_state(),
-                               **self._personal_state()})
+        state = {"last_trained_version": result.base_version, "last_update": self.last_update,
+                 "labelled_at_last_round": len(labels),
+                 "scheduler": self.scheduler.to_state(), **self._personal_state()}
+        if seq is None:
+            self.store.put(**state)
+        else:
+            update = ModelUpdate(device=self.config.device_id, seq=seq,
+                                 base_version=result.base_version, model=self.spec.name,
+                                 num_samples=result.num_samples, parts=result.delta,
+                                 created=created, trigger=trigger)
+            self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
+                               update.encode(), seq=seq, state={**state, "next_seq": seq + 1})
         self.last_trained_version = result.base_version
+        self.labelled_at_last_round = len(labels)
         self.last_round_at = time.monotonic()
-        log.info("update %d queued (%s): version %d, %d windows, loss %.3f → %.3f", seq,
-                 trigger, result.base_version, result.num_samples, result.loss_before,
-                 result.loss_after)
+        log.info("round (%s) on version %d, %d windows, loss %.3f → %.3f: %s", trigger,
+                 result.base_version, result.num_samples, result.loss_before, result.loss_after,
+                 f"update {seq} queued" if shares else "nothing to send (local strategy)")
 
     # publisher
 
@@ -440,7 +470,7 @@ class Agent:
             decision=self.decision, model_version=self.learner.version,
             windows=self.store.count_windows(), outbox=self.store.outbox_size(),
             updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes,
-            last_update_seq=None if self.last_update is None else int(self.last_update["seq"]),
+            last_update_seq=None if self.last_update is None else self.last_update.get("seq"),
             delegate=self.delegate.name, rss_bytes=psutil.Process().memory_info().rss,
             evaluation=evaluation, drift=None if self.drift_score is None else Drift(
                 prediction_kl=round(self.drift_score.prediction_kl, 4),

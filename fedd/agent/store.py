@@ -89,6 +89,11 @@ class AgentStore:
         return (features.reshape(len(rows), *self.input_shape).astype(np.float32),
                 np.array([r[1] for r in rows], dtype=np.int32))
 
+    def forget_windows(self) -> int:
+        """Drop every stored window (they were made for another model's inputs)."""
+        with self._transaction():
+            return self._db.execute("DELETE FROM windows").rowcount
+
     def enforce_retention(self, *, max_windows: int, max_age_s: float) -> int:
         """Drop windows beyond the count or age bound, oldest first."""
         with self._transaction():
@@ -113,6 +118,11 @@ class AgentStore:
         with self._transaction():
             for key, value in values.items():
                 self._put(key, value)
+
+    def forget(self, *keys: str) -> None:
+        """Delete named state, atomically; `get` then gives its default again."""
+        with self._transaction():
+            self._db.executemany("DELETE FROM state WHERE key = ?", [(k,) for k in keys])
 
     def get(self, key: str, default: Any = None) -> Any:
         rows = self._query("SELECT value FROM state WHERE key = ?", (key,))

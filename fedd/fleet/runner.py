@@ -43,6 +43,8 @@ class FleetOptions:
     speed: float = 50.0
     out: Path = Path("runs/fleet")
     buffer_size: int = 5
+    strategy: str = "finetune"
+    model: str = "har-mlp"
     manifest: Path = MODELS
 
     def __post_init__(self) -> None:
@@ -176,12 +178,11 @@ def _agent_config(person: int, stream: Path, port: int, out: Path, options: Flee
         "device_id": f"person-{person:02d}", "fleet": FLEET, "log_level": "info",
         "state_dir": str(out / "state" / f"person-{person:02d}"),
         "broker": {"host": "127.0.0.1", "port": port},
-        "model": {"manifest": str(options.manifest), "name": "har-mlp"},
+        "model": {"manifest": str(options.manifest), "name": options.model},
         "sensor": {"kind": "replay", "rate_hz": hapt.SAMPLE_RATE_HZ,
                    "replay": {"dataset": "stream", "person": person, "npz_path": str(stream),
                               "speed": options.speed}},
-        "training": {"min_windows": 32, "epochs": 2, "learning_rate": 0.1, "head_epochs": 5,
-                     "min_interval_s": 1.0},
+        "training": {"strategy": options.strategy, "min_windows": 32, "min_interval_s": 1.0},
         "heartbeat": {"interval_s": 2.0},
         # Ten agents share two cores here: to each of them the others are the
         # device's "real job", so the load rule and the budgets would idle the demo.
@@ -194,7 +195,7 @@ def _hub_config(port: int, out: Path, options: FleetOptions) -> dict[str, object
     return {
         "fleet": FLEET, "log_level": "info", "state_dir": str(out / "state" / "hub"),
         "broker": {"host": "127.0.0.1", "port": port},
-        "model": {"manifest": str(options.manifest), "name": "har-mlp"},
+        "model": {"manifest": str(options.manifest), "name": options.model},
         "aggregation": {"buffer_size": options.buffer_size,
                         "quorum": max(1, options.buffer_size // 2), "max_wait_s": 5.0,
                         "max_staleness": 20, "staleness_exponent": 0.5},
@@ -235,7 +236,8 @@ def run_fleet(options: FleetOptions) -> int:
     report.write(out / "report.json")
     if any(r.personal_accuracy is not None for r in report.rows):
         plot(report.rows, out / "accuracy.png",
-             f"fedd fleet: {options.devices} HAPT devices, FedBuff K={options.buffer_size}")
+             f"fedd fleet: {options.devices} HAPT devices, {options.model}, "
+             f"{options.strategy}, FedBuff K={options.buffer_size}")
     _print_summary(report, out)
     clean = ended.startswith("reached") and hub_code == 0 and not any(agent_codes)
     return 0 if clean else 1

@@ -36,9 +36,9 @@ def weighted_mean(deltas: list[Parts], weights: list[float], total: float) -> di
 
 
 def apply_delta(parts: Parts, delta: Parts, learning_rate: float) -> dict[str, np.ndarray]:
-    """The new global weights: w + η Δ."""
+    """The new global weights: w + η Δ; a part the delta does not hold stays as it is."""
     return {name: (parts[name] + learning_rate * delta[name]).astype(np.float32)
-            for name in parts}
+            if name in delta else parts[name] for name in parts}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class FedBuff:
         self.configure(buffer_size=buffer_size, max_wait_s=max_wait_s, quorum=quorum,
                        staleness_exponent=staleness_exponent)
         self._sums: dict[str, np.ndarray] = {}
+        self._part_samples: dict[str, int] = {}  # strategies may share only some parts
         self._samples = 0
         self._count = 0
         self._staleness_total = 0
@@ -87,6 +88,7 @@ class FedBuff:
             acc = self._sums.get(name)
             contribution = weight * values.astype(np.float64)
             self._sums[name] = contribution if acc is None else acc + contribution
+            self._part_samples[name] = self._part_samples.get(name, 0) + num_samples
         self._samples += num_samples
         self._count += 1
         self._staleness_total += staleness
@@ -110,9 +112,10 @@ class FedBuff:
         if not self._count:
             raise ValueError("nothing buffered")
         flushed = Flushed(
-            delta={n: (s / self._samples).astype(np.float32) for n, s in self._sums.items()},
+            delta={n: (s / self._part_samples[n]).astype(np.float32)
+                   for n, s in self._sums.items()},
             contributors=self._count, samples=self._samples,
             mean_staleness=self._staleness_total / self._count)
-        self._sums, self._samples, self._count = {}, 0, 0
+        self._sums, self._part_samples, self._samples, self._count = {}, {}, 0, 0
         self._staleness_total, self._first_at = 0, None
         return flushed

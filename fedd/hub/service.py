@@ -102,8 +102,9 @@ class HubCore:
         if update.model != self.spec.name:
             raise Rejected("wrong-model", f"{update.model} is not {self.spec.name}")
         sizes = {name: len(values) for name, values in update.parts.items()}
-        if sizes != self.spec.parts:
-            raise Rejected("wrong-shape", f"parts {sizes} are not {self.spec.parts}")
+        if any(self.spec.parts.get(name) != size for name, size in sizes.items()):
+            # A strategy may share only some parts (fedper: the body), never unknown ones.
+            raise Rejected("wrong-shape", f"parts {sizes} do not fit {self.spec.parts}")
         if update.seq <= self.last_seq.get(update.device, -1):
             raise Rejected("duplicate", f"{update.device} seq {update.seq} already seen")
         staleness = self.current.version - update.base_version

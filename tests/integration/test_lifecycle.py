@@ -156,7 +156,7 @@ def test_fedd_status_reports_a_stopped_agent_and_hub(notified_run, fedd_cli, tmp
     assert f"model         version {final['model_version']}" in shown.stdout
     assert f"outbox {final['outbox']} queued" in shown.stdout
     assert f"scheduler     {final['decision']}" in shown.stdout
-    assert f"last update   seq {final['last_update']['seq']}" in shown.stdout
+    assert f"last round    seq {final['last_update']['seq']}, version" in shown.stdout
 
     as_json = fedd_cli("status", "--state-dir", str(notified_run.agent_state), "--json")
     assert as_json.returncode == 0
@@ -365,3 +365,22 @@ def test_a_missing_delegate_falls_back_to_the_cpu_and_says_so(broker, fedd, tmp_
     assert "inference delegate unavailable: libedgetpu.so.1" in log
     assert "inference delegate unavailable: /nonexistent/libvendor_npu.so" in log
     assert "inference and training run on the CPU (xnnpack)" in log
+
+
+def test_switching_the_model_keeps_the_state_dir_usable(broker, fedd, tmp_path, agent_yaml,
+                                                        wait_for, status_of):
+    """Windows made for har-mlp's features cannot feed har-cnn: they are dropped, not fatal."""
+    state = tmp_path / "state"
+    config = tmp_path / "agent.yaml"
+    agent = fedd.agent("mlp", agent_yaml(config, broker=broker, device_id="switch",
+                                         state_dir=state))
+    wait_for(lambda: (s := status_of(state)) and s["windows"] > 0, timeout=TIMEOUT_S,
+             what="stored windows", watch=[agent])
+    assert agent.terminate() == 0
+    agent = fedd.agent("cnn", agent_yaml(config, broker=broker, device_id="switch",
+                                         state_dir=state, model={"name": "har-cnn"}))
+    wait_for(lambda: (s := status_of(state)) and s["pid"] == agent.popen.pid
+             and s["windows"] > 0, timeout=TIMEOUT_S, what="har-cnn storing windows",
+             watch=[agent])
+    assert agent.terminate() == 0
+    assert "model changed from har-mlp to har-cnn: dropped" in agent.log()

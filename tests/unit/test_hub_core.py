@@ -184,7 +184,7 @@ def test_stale_update_is_damped_and_learning_rate_applied(
 @pytest.mark.parametrize(("make", "reason"), [
     (lambda spec: (topic("dev-2"), payload(spec, device="dev-1")), "device-mismatch"),
     (lambda spec: (topic("dev-1"), payload(spec, model="har-cnn")), "wrong-model"),
-    (lambda spec: (topic("dev-1"), payload(spec, parts={"body": np.zeros(8288, np.float32)})),
+    (lambda spec: (topic("dev-1"), payload(spec, parts={"body": np.zeros(8287, np.float32)})),
      "wrong-shape"),
     (lambda spec: (topic("dev-1"), payload(spec, parts={
         "body": np.zeros(8288, np.float32), "head": np.zeros(197, np.float32)})), "wrong-shape"),
@@ -195,7 +195,7 @@ def test_stale_update_is_damped_and_learning_rate_applied(
     (lambda spec: (topic("dev-1"), payload(spec)[:-7]), "not-cbor"),
     (lambda spec: (topic("dev-1"), b"\xa0"), "bad-keys"),
     (lambda spec: (topic("dev-1"), b"\0" * 200001), "too-large"),
-], ids=["device-mismatch", "wrong-model", "missing-part", "short-part", "extra-part",
+], ids=["device-mismatch", "wrong-model", "short-body-alone", "short-part", "extra-part",
         "future-base", "garbage", "truncated", "empty-map", "too-large"])
 def test_rejections_are_counted_and_change_nothing(
         core: HubCore, spec: ModelSpec, make: Any, reason: str) -> None:
@@ -305,3 +305,14 @@ def test_overflowing_updates_never_make_an_unloadable_version(
                 core.next_version()
     assert all(np.isfinite(p).all() for p in core.current.parts.values())
     HubCore(config, spec, ModelStore(store.directory))  # restarts
+
+
+def test_a_body_only_update_moves_only_the_body(core: HubCore, spec: ModelSpec) -> None:
+    """FedPer/FedRep devices share the body alone; the global head stays as it was."""
+    before = {name: values.copy() for name, values in core.current.parts.items()}
+    body = np.full(spec.parts["body"], 0.5, np.float32)
+    for device in ("dev-1", "dev-2"):
+        core.receive(topic(device), payload(spec, device=device, parts={"body": body}))
+    model = core.next_version()
+    np.testing.assert_allclose(model.parts["body"], before["body"] + 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(model.parts["head"], before["head"])
