@@ -6,7 +6,10 @@ A small async surface over paho-mqtt 2 (MQTT v5): `async with Link(...)`,
 network loop in its own thread; its callbacks cross into asyncio only with
 `loop.call_soon_threadsafe`. paho keeps unacknowledged messages in memory
 only, so a publish while the link is down fails at once with `LinkDown`
-and durability stays with the caller's outbox.
+and durability stays with the caller's outbox. Timeouts use
+`asyncio.timeout`, never `asyncio.wait_for`: on Python 3.11 the latter can
+swallow a cancellation that races a completion, and a task that survives
+its cancellation keeps a daemon from stopping.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ class Link:
         self._fail_pending(LinkDown("link closed"))
 
     async def wait_connected(self, timeout: float) -> None:
-        await asyncio.wait_for(self.connected.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self.connected.wait()
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       timeout: float = 30.0) -> None:
@@ -140,7 +144,8 @@ class Link:
             if early is not None:
                 self._check_ack(topic, early[0])
                 return
-            await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await future
         except PublishRejected as exc:
             raise PublishRejected(topic, exc.reason) from None
         except TimeoutError:
@@ -156,7 +161,8 @@ class Link:
     async def next_message(self, timeout: float) -> Message | None:
         """The next incoming message, or None after `timeout` seconds."""
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
         except TimeoutError:
             return None
 

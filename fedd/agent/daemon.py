@@ -62,6 +62,11 @@ REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
 
 
+def _rounded(loss: float) -> float | None:
+    """A loss for the status file (JSON has no NaN: a run that never started has none)."""
+    return round(loss, 4) if np.isfinite(loss) else None
+
+
 class _Stopping(Exception):
     """Raised inside the task group to end it when stop is requested."""
 
@@ -365,7 +370,8 @@ class Agent:
             if wait_s > 0:
                 self._wake_trainer.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake_trainer.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):  # not wait_for: see fedd/link.py
+                        await self._wake_trainer.wait()
                 continue
             self.training_now = True
             try:
@@ -379,22 +385,28 @@ class Agent:
         features, labels = self.store.labelled_windows()
         trigger = TRIGGER_DRIFT if self.drift_reason else TRIGGER_VERSION
         with self.scheduler.training_run(self.readings) as run:
-            self.learner.fit_scaler(features)
-            result = self.learner.local_round(features, labels)
-            self.learner.personalize(features, labels)
+            self.learner.stop_check = run.should_stop  # heat, power, budget: stop mid-run
+            try:
+                self.learner.fit_scaler(features)
+                result = self.learner.local_round(features, labels)
+                self.learner.personalize(features, labels)
+            finally:
+                self.learner.stop_check = None
         self.scheduler.record_run(run.cpu_s, run.energy_j or 0.0, time.time())
         drift_reason = self.drift_reason
         self._drift_reference(features)
         if self.holdout is not None:
             self.evaluation = self.learner.evaluate(*self.holdout)
         created = time.time()
-        shares = bool(result.delta)  # the `local` strategy shares nothing: nothing to send
+        # The `local` strategy shares nothing, and a round the scheduler stopped before its
+        # first batch learned nothing: either way there is nothing to send.
+        shares = bool(result.delta) and np.isfinite(result.loss_before)
         seq = int(self.store.get("next_seq", 0)) if shares else None
         self.last_update = {"seq": seq, "base_version": result.base_version,
                             "trigger": trigger, "drift": drift_reason,
                             "samples": result.num_samples, "time": created,
-                            "loss_before": round(result.loss_before, 4),
-                            "loss_after": round(result.loss_after, 4),
+                            "loss_before": _rounded(result.loss_before),
+                            "loss_after": _rounded(result.loss_after),
                             **run.as_dict()}
         state = {"last_trained_version": result.base_version, "last_update": self.last_update,
                  "labelled_at_last_round": len(labels),
@@ -413,7 +425,7 @@ class Agent:
         self.last_round_at = time.monotonic()
         log.info("round (%s) on version %d, %d windows, loss %.3f → %.3f: %s", trigger,
                  result.base_version, result.num_samples, result.loss_before, result.loss_after,
-                 f"update {seq} queued" if shares else "nothing to send (local strategy)")
+                 f"update {seq} queued" if shares else "nothing to send")
 
     # publisher
 
