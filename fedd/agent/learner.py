@@ -265,6 +265,7 @@ class Learner:
         self.model = model
         self.training = training
         self.strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.stop_check: Callable[[], str | None] | None = None
         unknown = set(self.strategy.shared + self.strategy.personal) - set(model.parts)
         if unknown:
             raise ValueError(f"strategy {self.strategy.name!r} needs parts {sorted(unknown)} "
@@ -312,13 +313,12 @@ class Learner:
                             name, values.size, self.model.parts[name])
                 continue
             self.personal[name] = values
-        # The store keeps arrays flat; a raw-window model's statistics are (size, channels).
+        # One statistic per feature, or per channel of a raw window (see fit_scaler).
         mean, scale = state.get("feature_mean"), state.get("feature_scale")
-        shape = self.model.spec.input_shape
-        if mean is not None and scale is not None and np.size(mean) == np.size(scale) \
-                == int(np.prod(shape)):
-            self.mean = np.asarray(mean, dtype=np.float32).reshape(shape)
-            self.scale = np.asarray(scale, dtype=np.float32).reshape(shape)
+        width = self.model.spec.input_shape[-1]
+        if mean is not None and scale is not None and np.size(mean) == np.size(scale) == width:
+            self.mean = np.asarray(mean, dtype=np.float32).reshape(width)
+            self.scale = np.asarray(scale, dtype=np.float32).reshape(width)
         else:
             self.mean = self.scale = None
 
@@ -351,9 +351,11 @@ class Learner:
 
     # -- features --------------------------------------------------------------
     def fit_scaler(self, features: np.ndarray) -> None:
-        """Per-device standardization statistics from the stored windows."""
-        self.mean = features.mean(axis=0)
-        self.scale = np.maximum(features.std(axis=0), 1e-6)
+        """Per-device standardization statistics from the stored windows: per feature,
+        or per channel for raw windows (every time step of a channel shares them)."""
+        flat = features.reshape(-1, features.shape[-1])
+        self.mean = flat.mean(axis=0)
+        self.scale = np.maximum(flat.std(axis=0), 1e-6)
 
     def _standardize(self, features: np.ndarray) -> np.ndarray:
         if self.mean is None or self.scale is None:
@@ -372,10 +374,19 @@ class Learner:
         return out
 
     def fit(self, step: Step, x: np.ndarray, y: np.ndarray, epochs: int) -> tuple[float, float]:
-        """Run `step` over shuffled batches; mean loss of the first and of the last epoch."""
-        losses = [step(x[i], y[i], self.training.learning_rate)
-                  for i in self._batches(len(x), epochs)]
-        per_epoch = len(losses) // epochs
+        """Run `step` over shuffled batches; mean loss of the first and of the last epoch.
+
+        `stop_check` (the scheduler's mid-run check) is asked between batches; a
+        reason ends the run early, and what was trained so far stands.
+        """
+        losses: list[float] = []
+        for batch in self._batches(len(x), epochs):
+            if self.stop_check is not None and self.stop_check() is not None:
+                break
+            losses.append(step(x[batch], y[batch], self.training.learning_rate))
+        if not losses:
+            return float("nan"), float("nan")
+        per_epoch = max(1, min(len(losses), -(-len(x) // self.batch)))
         return float(np.mean(losses[:per_epoch])), float(np.mean(losses[-per_epoch:]))
 
     def train_personal_head(self, x: np.ndarray, y: np.ndarray) -> None:

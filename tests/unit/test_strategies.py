@@ -227,15 +227,37 @@ def test_restore_drops_what_does_not_fit(spec: ModelSpec, initial: GlobalModel,
     np.testing.assert_array_equal(learner.personal[HEAD], initial.parts[HEAD])
 
 
-def test_restore_reshapes_a_raw_window_models_statistics() -> None:
-    """The store keeps arrays flat; har-cnn's scaler is one value per (time, channel)."""
+def test_a_raw_window_models_scaler_is_per_channel_and_survives_the_store() -> None:
+    """har-cnn standardizes each channel over all its time steps (not per time step)."""
     spec = ModelSpec.from_manifest(MANIFEST, "har-cnn")
     learner = Learner(TrainableModel(spec), TRAINING, strategy="finetune")
-    size = int(np.prod(spec.input_shape))
-    learner.restore_state({"feature_mean": np.arange(size, dtype=np.float32),
-                           "feature_scale": np.ones(size, np.float32)})
-    assert learner.mean is not None and learner.mean.shape == spec.input_shape
-    assert learner.scale is not None and learner.scale.shape == spec.input_shape
+    windows = np.random.default_rng(0).normal(3.0, 2.0, size=(40, *spec.input_shape))
+    learner.fit_scaler(windows.astype(np.float32))
+    assert learner.mean is not None and learner.mean.shape == (spec.input_shape[-1],)
+    stored = {k: v.reshape(-1) for k, v in learner.personal_state().items()}
+    again = Learner(TrainableModel(spec), TRAINING, strategy="finetune")
+    again.restore_state(stored)
+    np.testing.assert_array_equal(again.mean, learner.mean)
+    np.testing.assert_array_equal(again.scale, learner.scale)
+    again.restore_state({"feature_mean": np.zeros(768, np.float32),
+                         "feature_scale": np.ones(768, np.float32)})  # an old per-step scaler
+    assert again.mean is None and again.scale is None
+
+
+def test_a_stop_check_ends_training_between_batches(spec: ModelSpec) -> None:
+    learner = Learner(TrainableModel(spec), TRAINING, strategy="fedavg")
+    x = np.random.default_rng(1).normal(size=(320, *spec.input_shape)).astype(np.float32)
+    y = np.arange(320) % spec.num_classes
+    calls = []
+
+    def stop_after_three() -> str | None:
+        calls.append(1)
+        return "deferred: 71.0 °C > 70.0 °C limit" if len(calls) > 3 else None
+
+    learner.stop_check = stop_after_three
+    steps = []
+    learner.fit(lambda xb, yb, lr: steps.append(1) or 1.0, x, y, epochs=2)
+    assert len(steps) == 3  # 20 batches were planned
 
 
 def test_unknown_strategy_and_bad_params_are_refused(spec: ModelSpec) -> None:
