@@ -270,6 +270,7 @@ class Heartbeat:
     last_update_seq: int | None
     delegate: str
     rss_bytes: int
+    last_update_energy_j: float | None = None
     evaluation: Evaluation | None = None
     drift: Drift | None = None
 
@@ -289,7 +290,8 @@ class Heartbeat:
 
 _JSON_KINDS: dict[str, tuple[type, ...]] = {
     "str": (str,), "float": (int, float), "int": (int,),
-    "int | None": (int, type(None)), "Evaluation | None": (dict, type(None)),
+    "int | None": (int, type(None)), "float | None": (int, float, type(None)),
+    "Evaluation | None": (dict, type(None)),
     "Drift | None": (dict, type(None)),
 }
 _NESTED: dict[str, type] = {"evaluation": Evaluation, "drift": Drift}

@@ -484,6 +484,8 @@ class Agent:
             updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes,
             last_update_seq=None if self.last_update is None else self.last_update.get("seq"),
             delegate=self.delegate.name, rss_bytes=psutil.Process().memory_info().rss,
+            last_update_energy_j=None if self.last_update is None
+            else self.last_update.get("energy_j"),
             evaluation=evaluation, drift=None if self.drift_score is None else Drift(
                 prediction_kl=round(self.drift_score.prediction_kl, 4),
                 feature_shift=round(self.drift_score.feature_shift, 4),
