@@ -85,6 +85,12 @@ class Agent:
         self._adopt_model_state()
         self.status_path = state_dir / "status.json"
         self.uplink = self._uplink(config.uplink.codec)
+        carried = {name: self.store.get(RESIDUAL_PREFIX + name) for name in self.spec.parts}
+        carried = {name: float(np.linalg.norm(r)) for name, r in carried.items()
+                   if r is not None and r.size == self.spec.parts[name]}
+        if carried:
+            log.info("uplink %s; error-feedback residuals carried: %s", self.uplink.spec,
+                     ", ".join(f"{name} |r|={norm:.6g}" for name, norm in sorted(carried.items())))
         self.delegate = choose_delegate(config.inference.delegates)
         self.learner = Learner(self._load_model(), config.training,
                                strategy=config.training.strategy,
