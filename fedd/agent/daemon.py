@@ -172,6 +172,11 @@ class Agent:
             self.drift = DriftMonitor(self.spec.num_classes, recent=config.drift.recent_windows,
                                       min_windows=config.drift.min_windows)
             self.drift_score = None  # a fresh reference comes with the next round
+        if config.training.strategy != self.config.training.strategy:
+            log.warning("reload: training.strategy needs a restart; keeping %s",
+                        self.config.training.strategy)
+            config = dataclasses.replace(config, training=dataclasses.replace(
+                config.training, strategy=self.config.training.strategy))
         self.config = config
         self.learner.training = config.training
         self.scheduler.config = config.scheduler
@@ -383,7 +388,8 @@ class Agent:
     def _local_round(self) -> None:
         """Train, personalize and queue the update durably (worker)."""
         features, labels = self.store.labelled_windows()
-        trigger = TRIGGER_DRIFT if self.drift_reason else TRIGGER_VERSION
+        trigger = (TRIGGER_DRIFT if self.drift_reason
+                   else TRIGGER_VERSION if self.learner.strategy.shared else "new-data")
         with self.scheduler.training_run(self.readings) as run:
             self.learner.stop_check = run.should_stop  # heat, power, budget: stop mid-run
             try:
@@ -398,9 +404,9 @@ class Agent:
         if self.holdout is not None:
             self.evaluation = self.learner.evaluate(*self.holdout)
         created = time.time()
-        # The `local` strategy shares nothing, and a round the scheduler stopped before its
-        # first batch learned nothing: either way there is nothing to send.
-        shares = bool(result.delta) and np.isfinite(result.loss_before)
+        # The `local` strategy shares nothing, and a round the scheduler stopped part-way
+        # is discarded (its delta would claim all the windows): nothing to send either way.
+        shares = bool(result.delta) and run.stopped is None
         seq = int(self.store.get("next_seq", 0)) if shares else None
         self.last_update = {"seq": seq, "base_version": result.base_version,
                             "trigger": trigger, "drift": drift_reason,
@@ -408,9 +414,12 @@ class Agent:
                             "loss_before": _rounded(result.loss_before),
                             "loss_after": _rounded(result.loss_after),
                             **run.as_dict()}
-        state = {"last_trained_version": result.base_version, "last_update": self.last_update,
-                 "labelled_at_last_round": len(labels),
-                 "scheduler": self.scheduler.to_state(), **self._personal_state()}
+        done = run.stopped is None  # a stopped round is retried when the scheduler allows
+        state = {"last_update": self.last_update, "scheduler": self.scheduler.to_state(),
+                 **self._personal_state()}
+        if done:
+            state.update(last_trained_version=result.base_version,
+                         labelled_at_last_round=len(labels))
         if seq is None:
             self.store.put(**state)
         else:
@@ -420,12 +429,14 @@ class Agent:
                                  created=created, trigger=trigger)
             self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
                                update.encode(), seq=seq, state={**state, "next_seq": seq + 1})
-        self.last_trained_version = result.base_version
-        self.labelled_at_last_round = len(labels)
+        if done:
+            self.last_trained_version = result.base_version
+            self.labelled_at_last_round = len(labels)
         self.last_round_at = time.monotonic()
         log.info("round (%s) on version %d, %d windows, loss %.3f → %.3f: %s", trigger,
                  result.base_version, result.num_samples, result.loss_before, result.loss_after,
-                 f"update {seq} queued" if shares else "nothing to send")
+                 f"update {seq} queued" if shares
+                 else f"stopped ({run.stopped}), nothing sent" if not done else "nothing to send")
 
     # publisher
 
