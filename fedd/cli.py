@@ -94,7 +94,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"store         {status['windows']} windows   outbox {status['outbox']} queued")
     print(f"uplink        {status['updates_sent']} updates, {status['uplink_bytes']} bytes")
     if last:
-        sent = "not sent (local)" if last["seq"] is None else f"seq {last['seq']}"
+        sent = (f"seq {last['seq']}" if last["seq"] is not None
+                else f"stopped: {last['stopped']}" if last.get("stopped") else "not sent (local)")
         print(f"last round    {sent}, {last.get('trigger', 'version')} on version "
               f"{last['base_version']}, "
               f"{last['samples']} windows, loss {last['loss_before']} → {last['loss_after']}, "
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--speed", type=float, default=50.0, help="replay clock speed-up")
     fleet.add_argument("--buffer-size", type=int, default=5, help="FedBuff K")
     fleet.add_argument("--strategy", default="finetune",
-                       choices=["finetune", "fedavg", "fedper", "fedrep", "ditto", "local"],
+                       choices=["finetune", "fedavg", "fedper", "fedrep", "ditto"],
                        help="what stays personal (training.strategy)")
     fleet.add_argument("--model", default="har-mlp", help="shipped model (models/manifest.json)")
     fleet.add_argument("--codec", default="float32",

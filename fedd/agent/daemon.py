@@ -191,6 +191,11 @@ class Agent:
             self.drift = DriftMonitor(self.spec.num_classes, recent=config.drift.recent_windows,
                                       min_windows=config.drift.min_windows)
             self.drift_score = None  # a fresh reference comes with the next round
+        if config.training.strategy != self.config.training.strategy:
+            log.warning("reload: training.strategy needs a restart; keeping %s",
+                        self.config.training.strategy)
+            config = dataclasses.replace(config, training=dataclasses.replace(
+                config.training, strategy=self.config.training.strategy))
         if config.uplink != self.config.uplink:
             self.uplink = self._uplink(config.uplink.codec)  # the residuals carry over
         self.config = config
@@ -404,7 +409,8 @@ class Agent:
     def _local_round(self) -> None:
         """Train, personalize and queue the update durably (worker)."""
         features, labels = self.store.labelled_windows()
-        trigger = TRIGGER_DRIFT if self.drift_reason else TRIGGER_VERSION
+        trigger = (TRIGGER_DRIFT if self.drift_reason
+                   else TRIGGER_VERSION if self.learner.strategy.shared else "new-data")
         with self.scheduler.training_run(self.readings) as run:
             self.learner.stop_check = run.should_stop  # heat, power, budget: stop mid-run
             try:
@@ -419,9 +425,9 @@ class Agent:
         if self.holdout is not None:
             self.evaluation = self.learner.evaluate(*self.holdout)
         created = time.time()
-        # The `local` strategy shares nothing, and a round the scheduler stopped before its
-        # first batch learned nothing: either way there is nothing to send.
-        shares = bool(result.delta) and np.isfinite(result.loss_before)
+        # The `local` strategy shares nothing, and a round the scheduler stopped part-way
+        # is discarded (its delta would claim all the windows): nothing to send either way.
+        shares = bool(result.delta) and run.stopped is None
         seq = int(self.store.get("next_seq", 0)) if shares else None
         payload, residuals, sent_bytes = None, {}, None
         if seq is not None:
@@ -442,9 +448,12 @@ class Agent:
                             "loss_before": _rounded(result.loss_before),
                             "loss_after": _rounded(result.loss_after),
                             **run.as_dict()}
-        state = {"last_trained_version": result.base_version, "last_update": self.last_update,
-                 "labelled_at_last_round": len(labels),
-                 "scheduler": self.scheduler.to_state(), **self._personal_state()}
+        done = run.stopped is None  # a stopped round is retried when the scheduler allows
+        state = {"last_update": self.last_update, "scheduler": self.scheduler.to_state(),
+                 **self._personal_state()}
+        if done:
+            state.update(last_trained_version=result.base_version,
+                         labelled_at_last_round=len(labels))
         if seq is None or payload is None:
             self.store.put(**state)
         else:
@@ -452,12 +461,14 @@ class Agent:
             self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
                                payload, seq=seq,
                                state={**state, **residuals, "next_seq": seq + 1})
-        self.last_trained_version = result.base_version
-        self.labelled_at_last_round = len(labels)
+        if done:
+            self.last_trained_version = result.base_version
+            self.labelled_at_last_round = len(labels)
         self.last_round_at = time.monotonic()
         log.info("round (%s) on version %d, %d windows, loss %.3f → %.3f: %s", trigger,
                  result.base_version, result.num_samples, result.loss_before, result.loss_after,
-                 f"update {seq} queued" if shares else "nothing to send")
+                 f"update {seq} queued" if shares
+                 else f"stopped ({run.stopped}), nothing sent" if not done else "nothing to send")
 
     # publisher
 

@@ -20,7 +20,8 @@ In the agent (a sketch)::
     decision = scheduler.decide(reader.read(), time.time())   # before a round
     if decision.run:                                          # in the worker thread:
         with scheduler.training_run(reader) as run:
-            learner.local_round(..., should_stop=run.should_stop)  # between batches
+            learner.stop_check = run.should_stop                  # asked between batches
+            learner.local_round(...)
         scheduler.record_run(run.cpu_s, run.energy_j, time.time())
         store.put(scheduler=scheduler.to_state(), last_run=run.as_dict())
 
@@ -431,7 +432,7 @@ def lower_priority(*, nice: int = 19, idle_io: bool = True) -> Iterator[Priority
     tid)`` and ``ioprio_set(IOPRIO_WHO_PROCESS, tid)`` (through psutil, which
     takes a thread id) change this thread only, not the agent's loop. Lowering
     is always allowed. Raising nice back needs CAP_SYS_NICE or an RLIMIT_NICE
-    that allows it (systemd: ``LimitNICE=+0``); without either the thread keeps
+    that allows it (systemd: ``LimitNICE=+10`` with ``Nice=10``); without either the thread keeps
     the low priority, ``restored`` is False and a warning says so, so run
     training on a thread of its own. The idle I/O class only matters with an
     I/O scheduler that honours classes (BFQ; mq-deadline in part).
@@ -475,7 +476,7 @@ def lower_priority(*, nice: int = 19, idle_io: bool = True) -> Iterator[Priority
                 priority.restored = False
                 priority.notes.append(
                     f"nice {priority.nice} not raised back to {priority.nice_before}: "
-                    f"{exc.strerror} (needs CAP_SYS_NICE or LimitNICE=+0)")
+                    f"{exc.strerror} (needs CAP_SYS_NICE, or LimitNICE= up to the unit's Nice=)")
         if not priority.restored:
             log.warning("thread %d keeps its training priority: %s", tid,
                         "; ".join(priority.notes))

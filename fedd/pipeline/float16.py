@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedd.pipeline._args import no_args
 from fedd.pipeline.errors import DecodeError
 from fedd.pipeline.reader import Reader
 from fedd.pipeline.stage import Measurements, ValueCodec
@@ -27,14 +26,6 @@ class Float16(ValueCodec):
     name = "f16"
     code = 0x02
     usage = "f16"
-
-    @classmethod
-    def from_args(cls, args: list[str]) -> Float16:
-        no_args(cls.name, args, cls.usage)
-        return cls()
-
-    def spec(self) -> str:
-        return self.name
 
     def encode(self, values: np.ndarray, rng: np.random.Generator
                ) -> tuple[bytes, np.ndarray, Measurements]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedd.pipeline._args import no_args
 from fedd.pipeline.errors import DecodeError
 from fedd.pipeline.reader import Reader
 from fedd.pipeline.stage import Measurements, ValueCodec
@@ -18,14 +17,6 @@ class Float32(ValueCodec):
     name = "float32"
     code = 0x01
     usage = "float32"
-
-    @classmethod
-    def from_args(cls, args: list[str]) -> Float32:
-        no_args(cls.name, args, cls.usage)
-        return cls()
-
-    def spec(self) -> str:
-        return self.name
 
     def encode(self, values: np.ndarray, rng: np.random.Generator
                ) -> tuple[bytes, np.ndarray, Measurements]:

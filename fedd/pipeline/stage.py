@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fedd.pipeline._args import no_args
 from fedd.pipeline.reader import Reader
 
 __all__ = ["ByteCoder", "Kind", "Sparsifier", "Stage", "ValueCodec"]
@@ -61,9 +62,13 @@ class Stage(ABC):
     usage: ClassVar[str]  # how to write it in a spec, for error messages
 
     @classmethod
-    @abstractmethod
     def from_args(cls, args: list[str]) -> Stage:
-        """Build from the ':'-separated arguments of a spec; raise SpecError if bad."""
+        """Build from the ':'-separated arguments of a spec; raise SpecError if bad.
+
+        This default is for stages without parameters; the others override it.
+        """
+        no_args(cls.name, args, cls.usage)
+        return cls()
 
     @classmethod
     def from_header(cls, reader: Reader) -> Stage:
@@ -74,9 +79,9 @@ class Stage(ABC):
         """The code byte and the parameters the decoder needs."""
         return bytes([self.code])
 
-    @abstractmethod
     def spec(self) -> str:
-        """Canonical spec text, every parameter explicit."""
+        """Canonical spec text, every parameter explicit (here: no parameters)."""
+        return self.name
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec()}>"

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sensor_streams import collect, joined
 
-from fedd.agent.sensors import Chunk, CommandError, CommandFailed, CommandSource, SensorSource
+from fedd.agent.sensors import Chunk, CommandError, CommandFailed, CommandSource
 from fedd.agent.sensors import command as command_module
 from fedd.agent.sensors.command import LineSplitter
 from fedd.agent.sensors.resample import Resampler
@@ -24,25 +23,6 @@ from fedd.agent.sensors.resample import Resampler
 
 def python(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
-
-
-def collect(source: SensorSource, *, samples: int | None = None,
-            timeout: float = 5.0) -> list[Chunk]:
-    async def run() -> list[Chunk]:
-        out: list[Chunk] = []
-        async with contextlib.aclosing(source.chunks()) as chunks:
-            async for chunk in chunks:
-                out.append(chunk)
-                if samples is not None and sum(len(c.samples) for c in out) >= samples:
-                    break
-        return out
-
-    return asyncio.run(asyncio.wait_for(run(), timeout))
-
-
-def joined(chunks: Sequence[Chunk]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.concatenate([c.samples for c in chunks]),
-            np.concatenate([c.labels for c in chunks]))
 
 
 GOOD = [

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sensor_streams import collect, joined
 
 from fedd.agent.features import window_features
 from fedd.agent.sensors import (
@@ -41,27 +42,6 @@ from fedd.agent.windowing import Windower
 G = 9.80665
 SIX = ("accel_x", "accel_y", "accel_z", "anglvel_x", "anglvel_y", "anglvel_z")
 SCALES = {"accel": 0.000598205, "anglvel": 0.000133090}  # an MPU-6050 at ±2 g, ±250 °/s
-
-
-def collect(source: SensorSource, *, start_at: int = 0, samples: int | None = None,
-            timeout: float = 5.0) -> list[Chunk]:
-    """Chunks until the stream ends (or `samples` arrived), within `timeout` seconds."""
-
-    async def run() -> list[Chunk]:
-        out: list[Chunk] = []
-        async with contextlib.aclosing(source.chunks(start_at)) as chunks:
-            async for chunk in chunks:
-                out.append(chunk)
-                if samples is not None and sum(len(c.samples) for c in out) >= samples:
-                    break
-        return out
-
-    return asyncio.run(asyncio.wait_for(run(), timeout))
-
-
-def joined(chunks: Sequence[Chunk]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.concatenate([c.samples for c in chunks]),
-            np.concatenate([c.labels for c in chunks]))
 
 
 def parse_type(text: str) -> tuple[str, str, int, int, int]:

@@ -339,7 +339,8 @@ class CommandSource:
                 code = await self._end(proc, graceful=finished)
             self.exit_code = code
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(errors, 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: see fedd/link.py
+                    await errors
         log.log(logging.INFO if code == 0 else logging.ERROR,
                 "sensor command %s ended with code %d after %d lines (%d samples, bad: %s)",
                 self.name, code, self.lines, self.samples, self.bad_lines or "none")
@@ -350,14 +351,16 @@ class CommandSource:
         """Wait for the command to exit (after its output closed), or stop it."""
         if graceful:
             try:
-                return await asyncio.wait_for(proc.wait(), EXIT_WAIT_S)
+                async with asyncio.timeout(EXIT_WAIT_S):
+                    return await proc.wait()
             except TimeoutError:
                 log.warning("sensor command %s closed its output but kept running; stopping it",
                             self.name)
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
         try:
-            return await asyncio.wait_for(proc.wait(), 2.0)
+            async with asyncio.timeout(2.0):
+                return await proc.wait()
         except TimeoutError:
             log.warning("sensor command %s ignored SIGTERM; killing it", self.name)
             with contextlib.suppress(ProcessLookupError):
