@@ -118,7 +118,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         options = FleetOptions(
             devices=args.devices, versions=args.versions, timeout_s=args.timeout,
             speed=args.speed, buffer_size=args.buffer_size, strategy=args.strategy,
-            model=args.model,
+            model=args.model, codec=args.codec,
             out=Path(args.out or time.strftime("runs/fleet-%Y%m%d-%H%M%S")))
     except ValueError as exc:
         print(f"fedd fleet: {exc}", file=sys.stderr)
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["finetune", "fedavg", "fedper", "fedrep", "ditto"],
                        help="what stays personal (training.strategy)")
     fleet.add_argument("--model", default="har-mlp", help="shipped model (models/manifest.json)")
+    fleet.add_argument("--codec", default="float32",
+                       help="the agents' uplink codec (uplink.codec), e.g. topk:0.01+q:4+zstd")
     fleet.add_argument("--out", default=None,
                        help="run folder for configs, logs and the report "
                             "(default: runs/fleet-<date>-<time>)")

@@ -20,6 +20,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from fedd.pipeline import Pipeline
+
 __all__ = [
     "EXIT_CONFIG_INVALID",
     "EXIT_CONFIG_MISSING",
@@ -289,6 +291,16 @@ class HeartbeatConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UplinkConfig:
+    """How updates are compressed on their way to the hub (docs/wire-format.md)."""
+
+    codec: str = "float32"
+
+    def __post_init__(self) -> None:
+        Pipeline.from_spec(self.codec)  # a SpecError is the pipeline's own sentence
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """One device's ``fedd.yaml``."""
 
@@ -306,6 +318,7 @@ class AgentConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
 
 
 @dataclass(frozen=True, kw_only=True)

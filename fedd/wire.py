@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import cbor2
 import numpy as np
 
+from fedd.pipeline import Decoded, Pipeline, SpecError, largest_payload
+
 FORMAT = 1
 CODEC_FLOAT32 = "float32"
 TRIGGER_VERSION = "version"  # a round on a global version the device had not trained on
@@ -30,6 +32,9 @@ TRIGGERS = (TRIGGER_VERSION, TRIGGER_DRIFT)
 MAX_PARTS = 16
 MAX_PART_VALUES = 64 * 1024 * 1024
 MAX_JSON_BYTES = 16 * 1024
+MAX_CODEC_CHARS = 64
+# The largest payload of any stack for the largest part: a bound on one part's bytes.
+MAX_PART_PAYLOAD = largest_payload(MAX_PART_VALUES)
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -149,16 +154,93 @@ def parts_digest(parts: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _pipeline(codec: Any) -> Pipeline:
+    """The pipeline a `codec` field names; it must be the canonical spec (unknown-codec)."""
+    if not isinstance(codec, str) or not 0 < len(codec) <= MAX_CODEC_CHARS:
+        raise WireError("unknown-codec", f"codec {codec!r}")
+    try:
+        pipeline = _PIPELINES.get(codec) or Pipeline.from_spec(codec)
+    except SpecError as exc:
+        raise WireError("unknown-codec", f"codec {codec!r}: {exc}") from None
+    if pipeline.spec != codec:
+        raise WireError("unknown-codec", f"codec {codec!r} is not canonical ({pipeline.spec!r})")
+    if len(_PIPELINES) < 64:
+        _PIPELINES[codec] = pipeline
+    return pipeline
+
+
+_PIPELINES: dict[str, Pipeline] = {}
+
+
+def decode_payload_parts(raw: Any) -> dict[str, bytes]:
+    """The parts map of an update: 1-MAX_PARTS named, non-empty, bounded pipeline payloads.
+
+    The payloads themselves are not decoded here: that needs each part's
+    expected length, which only the hub knows (`ModelUpdate.read_part`).
+    """
+    if not isinstance(raw, dict) or not raw:
+        raise WireError("bad-parts", "parts must be a non-empty map")
+    if len(raw) > MAX_PARTS:
+        raise WireError("bad-parts", f"{len(raw)} parts exceed {MAX_PARTS}")
+    parts = {}
+    for name, blob in raw.items():
+        if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
+            raise WireError("bad-parts", f"part name {name!r} is not an identifier")
+        if not isinstance(blob, bytes) or not 0 < len(blob) <= MAX_PART_PAYLOAD:
+            raise WireError("bad-parts", f"part {name} is not a pipeline payload")
+        parts[name] = blob
+    return parts
+
+
+@dataclass(frozen=True)
+class EncodedDeltas:
+    """Float32 deltas through a pipeline: the payloads to send and the residuals to keep."""
+
+    payloads: dict[str, bytes] = field(repr=False)
+    residuals: dict[str, np.ndarray] = field(repr=False)
+    measurements: dict[str, dict[str, Any]]
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(p) for p in self.payloads.values())
+
+
+def encode_deltas(pipeline: Pipeline, deltas: Mapping[str, np.ndarray],
+                  residuals: Mapping[str, np.ndarray | None] | None = None, *,
+                  rng: np.random.Generator | None = None) -> EncodedDeltas:
+    """Encode each part's delta with its error-feedback residual (None or missing: zeros).
+
+    A residual whose length differs from its part's (the model changed) is
+    dropped, not an error: it fed back a delta of another shape.
+    """
+    residuals = residuals or {}
+    payloads, kept, measurements = {}, {}, {}
+    for name, delta in sorted(deltas.items()):
+        residual = residuals.get(name)
+        if residual is not None and np.shape(residual) != np.shape(delta):
+            residual = None
+        out = pipeline.encode(delta, residual, rng=rng)
+        payloads[name], kept[name], measurements[name] = (out.payload, out.residual,
+                                                          out.measurements)
+    return EncodedDeltas(payloads, kept, measurements)
+
+
 @dataclass(frozen=True)
 class ModelUpdate:
-    """Device → hub: the delta of the shared weights from one local round."""
+    """Device → hub: the delta of the shared weights from one local round.
+
+    `codec` is the canonical pipeline spec ("float32", "topk:0.01+q:4:256+zstd:3");
+    `parts` holds each part's pipeline payload. Build one from float32 deltas
+    with `from_deltas` (or `encode_deltas` to keep the residuals); the hub
+    reads a part with `read_part`, which needs the part's expected length.
+    """
 
     device: str
     seq: int
     base_version: int
     model: str
     num_samples: int
-    parts: Mapping[str, np.ndarray] = field(repr=False)
+    parts: Mapping[str, bytes] = field(repr=False)
     created: float
     codec: str = CODEC_FLOAT32
     trigger: str = TRIGGER_VERSION
@@ -166,26 +248,46 @@ class ModelUpdate:
     KEYS: ClassVar[set[str]] = {"format", "device", "seq", "base_version", "model",
                                 "num_samples", "codec", "trigger", "created", "parts"}
 
+    @classmethod
+    def from_deltas(cls, deltas: Mapping[str, np.ndarray], *, codec: str = CODEC_FLOAT32,
+                    rng: np.random.Generator | None = None, **fields: Any) -> ModelUpdate:
+        """An update of float32 deltas through `codec`, with no error feedback."""
+        pipeline = Pipeline.from_spec(codec)
+        encoded = encode_deltas(pipeline, deltas, rng=rng)
+        return cls(parts=encoded.payloads, codec=pipeline.spec, **fields)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return _pipeline(self.codec)
+
+    def read_part(self, name: str, *, length: int) -> Decoded:
+        """Check and parse one part's payload for a part of `length` values.
+
+        The payload must be of this update's codec; raises `DecodeError`
+        (its `reason` from fedd.pipeline.REASONS).
+        """
+        return self.pipeline.read(self.parts[name], length=length,
+                                  max_bytes=largest_payload(length))
+
     def encode(self) -> bytes:
         return cbor2.dumps({
             "format": FORMAT, "device": self.device, "seq": self.seq,
             "base_version": self.base_version, "model": self.model,
             "num_samples": self.num_samples, "codec": self.codec, "trigger": self.trigger,
-            "created": self.created, "parts": encode_parts(self.parts),
+            "created": self.created, "parts": dict(sorted(self.parts.items())),
         })
 
     @classmethod
     def decode(cls, payload: bytes, *, max_bytes: int) -> ModelUpdate:
         obj = _load_cbor(payload, max_bytes, "update", cls.KEYS)
-        if obj["codec"] != CODEC_FLOAT32:
-            raise WireError("unknown-codec", f"codec {obj['codec']!r}")
+        codec = _pipeline(obj["codec"]).spec
         if obj["trigger"] not in TRIGGERS:
             raise WireError("bad-field", f"trigger {obj['trigger']!r} is not one of {TRIGGERS}")
         return cls(device=_identifier(obj, "device"), seq=_count(obj, "seq"),
                    base_version=_count(obj, "base_version"), model=_identifier(obj, "model"),
                    num_samples=_count(obj, "num_samples", minimum=1),
-                   parts=decode_parts(obj["parts"]), created=_finite(obj, "created"),
-                   trigger=obj["trigger"])
+                   parts=decode_payload_parts(obj["parts"]), created=_finite(obj, "created"),
+                   codec=codec, trigger=obj["trigger"])
 
 
 @dataclass(frozen=True)
@@ -271,6 +373,7 @@ class Heartbeat:
     delegate: str
     rss_bytes: int
     last_update_energy_j: float | None = None
+    last_update_bytes: int | None = None  # the encoded update (CBOR), before MQTT framing
     evaluation: Evaluation | None = None
     drift: Drift | None = None
 

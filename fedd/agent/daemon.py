@@ -40,6 +40,7 @@ from fedd.agent.windowing import Windower
 from fedd.config import AgentConfig
 from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
 from fedd.model import ModelError, ModelSpec, TrainableModel
+from fedd.pipeline import Pipeline
 from fedd.service import Notifier
 from fedd.wire import (
     TRIGGER_DRIFT,
@@ -51,6 +52,7 @@ from fedd.wire import (
     ModelUpdate,
     Status,
     WireError,
+    encode_deltas,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ MAX_OUTBOX = 16
 RETENTION_EVERY = 64
 REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
+RESIDUAL_PREFIX = "residual_"  # + a part name: that part's error-feedback residual (store)
 
 
 def _rounded(loss: float) -> float | None:
@@ -81,6 +84,13 @@ class Agent:
         self.inputs = model_inputs(self.spec.features)
         self._adopt_model_state()
         self.status_path = state_dir / "status.json"
+        self.uplink = self._uplink(config.uplink.codec)
+        carried = {name: self.store.get(RESIDUAL_PREFIX + name) for name in self.spec.parts}
+        carried = {name: float(np.linalg.norm(r)) for name, r in carried.items()
+                   if r is not None and r.size == self.spec.parts[name]}
+        if carried:
+            log.info("uplink %s; error-feedback residuals carried: %s", self.uplink.spec,
+                     ", ".join(f"{name} |r|={norm:.6g}" for name, norm in sorted(carried.items())))
         self.delegate = choose_delegate(config.inference.delegates)
         self.learner = Learner(self._load_model(), config.training,
                                strategy=config.training.strategy,
@@ -134,6 +144,15 @@ class Agent:
                         "personal state made for it", before, self.spec.name, dropped)
         self.store.put(model=self.spec.name)
 
+    def _uplink(self, codec: str) -> Pipeline:
+        """The update pipeline; a warning for each part its error feedback would not bound."""
+        pipeline = Pipeline.from_spec(codec)
+        for name, length in self.spec.parts.items():
+            if not pipeline.error_feedback_safe(length):
+                log.warning("uplink codec %s is not error-feedback safe for part %s (%d values):"
+                            " its residual may grow without bound", pipeline.spec, name, length)
+        return pipeline
+
     def _load_model(self) -> TrainableModel:
         """The model, with inference on the chosen delegate when it accepts the model."""
         for failure in self.delegate.failures:
@@ -177,6 +196,8 @@ class Agent:
                         self.config.training.strategy)
             config = dataclasses.replace(config, training=dataclasses.replace(
                 config.training, strategy=self.config.training.strategy))
+        if config.uplink != self.config.uplink:
+            self.uplink = self._uplink(config.uplink.codec)  # the residuals carry over
         self.config = config
         self.learner.training = config.training
         self.scheduler.config = config.scheduler
@@ -408,9 +429,22 @@ class Agent:
         # is discarded (its delta would claim all the windows): nothing to send either way.
         shares = bool(result.delta) and run.stopped is None
         seq = int(self.store.get("next_seq", 0)) if shares else None
+        payload, residuals, sent_bytes = None, {}, None
+        if seq is not None:
+            encoded = encode_deltas(self.uplink, result.delta, {
+                name: self.store.get(RESIDUAL_PREFIX + name) for name in result.delta})
+            update = ModelUpdate(device=self.config.device_id, seq=seq,
+                                 base_version=result.base_version, model=self.spec.name,
+                                 num_samples=result.num_samples, parts=encoded.payloads,
+                                 created=created, codec=self.uplink.spec, trigger=trigger)
+            payload = update.encode()
+            residuals = {RESIDUAL_PREFIX + name: residual
+                         for name, residual in encoded.residuals.items()}
+            sent_bytes = len(payload)
         self.last_update = {"seq": seq, "base_version": result.base_version,
                             "trigger": trigger, "drift": drift_reason,
                             "samples": result.num_samples, "time": created,
+                            "codec": self.uplink.spec, "bytes": sent_bytes,
                             "loss_before": _rounded(result.loss_before),
                             "loss_after": _rounded(result.loss_after),
                             **run.as_dict()}
@@ -420,15 +454,13 @@ class Agent:
         if done:
             state.update(last_trained_version=result.base_version,
                          labelled_at_last_round=len(labels))
-        if seq is None:
+        if seq is None or payload is None:
             self.store.put(**state)
         else:
-            update = ModelUpdate(device=self.config.device_id, seq=seq,
-                                 base_version=result.base_version, model=self.spec.name,
-                                 num_samples=result.num_samples, parts=result.delta,
-                                 created=created, trigger=trigger)
+            # The update, its seq and the residuals it leaves: one transaction.
             self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
-                               update.encode(), seq=seq, state={**state, "next_seq": seq + 1})
+                               payload, seq=seq,
+                               state={**state, **residuals, "next_seq": seq + 1})
         if done:
             self.last_trained_version = result.base_version
             self.labelled_at_last_round = len(labels)
@@ -497,6 +529,8 @@ class Agent:
             delegate=self.delegate.name, rss_bytes=psutil.Process().memory_info().rss,
             last_update_energy_j=None if self.last_update is None
             else self.last_update.get("energy_j"),
+            last_update_bytes=None if self.last_update is None
+            else self.last_update.get("bytes"),
             evaluation=evaluation, drift=None if self.drift_score is None else Drift(
                 prediction_kl=round(self.drift_score.prediction_kl, 4),
                 feature_shift=round(self.drift_score.feature_shift, 4),

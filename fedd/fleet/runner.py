@@ -27,6 +27,7 @@ from fedd.datasets import hapt, hapt_person, save_stream
 from fedd.fleet.broker import Mosquitto
 from fedd.fleet.report import HEADER, FleetReport, VersionRow, format_row, plot, score_row
 from fedd.link import Link
+from fedd.pipeline import Pipeline, SpecError
 from fedd.wire import GlobalModel, Heartbeat, WireError
 
 FLEET = "demo"
@@ -45,6 +46,7 @@ class FleetOptions:
     buffer_size: int = 5
     strategy: str = "finetune"
     model: str = "har-mlp"
+    codec: str = "float32"
     manifest: Path = MODELS
 
     def __post_init__(self) -> None:
@@ -52,6 +54,10 @@ class FleetOptions:
             raise ValueError(f"--devices must be 1-30 (HAPT has 30 people), got {self.devices}")
         if not 1 <= self.buffer_size <= self.devices:
             raise ValueError(f"--buffer-size must be 1-{self.devices}, got {self.buffer_size}")
+        try:
+            Pipeline.from_spec(self.codec)
+        except SpecError as exc:
+            raise ValueError(f"--codec: {exc}") from None
 
 
 def _say(text: str) -> None:
@@ -184,6 +190,7 @@ def _agent_config(person: int, stream: Path, port: int, out: Path, options: Flee
                               "speed": options.speed}},
         "training": {"strategy": options.strategy, "min_windows": 32, "min_interval_s": 1.0},
         "heartbeat": {"interval_s": 2.0},
+        "uplink": {"codec": options.codec},
         # Ten agents share two cores here: to each of them the others are the
         # device's "real job", so the load rule and the budgets would idle the demo.
         "scheduler": {"max_cpu_percent": 100.0, "cpu_budget_s_per_hour": None,
@@ -237,7 +244,7 @@ def run_fleet(options: FleetOptions) -> int:
     if any(r.personal_accuracy is not None for r in report.rows):
         plot(report.rows, out / "accuracy.png",
              f"fedd fleet: {options.devices} HAPT devices, {options.model}, "
-             f"{options.strategy}, FedBuff K={options.buffer_size}")
+             f"{options.strategy}, {options.codec}, FedBuff K={options.buffer_size}")
     _print_summary(report, out)
     clean = ended.startswith("reached") and hub_code == 0 and not any(agent_codes)
     return 0 if clean else 1
@@ -259,6 +266,7 @@ def _summarize(options: FleetOptions, watcher: Watcher, ended: str, wall: float,
         "final_global_accuracy": final.global_accuracy if final else None,
         "updates_sent": updates, "uplink_bytes": uplink,
         "uplink_bytes_per_update": round(uplink / updates, 1) if updates else None,
+        "codec": Pipeline.from_spec(options.codec).spec,
         "agent_peak_rss_bytes_max": max(known_peaks, default=None),
         "agent_peak_rss_bytes_median": statistics.median(known_peaks) if known_peaks else None,
         "agent_exit_codes": agent_codes, "hub_exit_code": hub_code,
@@ -285,7 +293,7 @@ def _print_summary(report: FleetReport, out: Path) -> None:
     _say(f"  global accuracy       {pct('final_global_accuracy')} mean")
     _say(f"  uplink                {s['updates_sent']} updates, "
          f"{int(s['uplink_bytes']) / mib:.2f} MiB, "  # type: ignore[call-overload]
-         f"{s['uplink_bytes_per_update']} bytes per update")
+         f"{s['uplink_bytes_per_update']} bytes per update ({s['codec']})")
     if rss_max:
         _say(f"  agent peak RSS        {int(rss_max) / mib:.1f} MiB max, "  # type: ignore[call-overload]
              f"{float(s['agent_peak_rss_bytes_median']) / mib:.1f} MiB median")  # type: ignore[arg-type]

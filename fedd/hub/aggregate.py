@@ -16,10 +16,23 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 Parts = Mapping[str, np.ndarray]
+
+
+@runtime_checkable
+class Addable(Protocol):
+    """A decoded part that adds itself into a sum (fedd.pipeline.Decoded is one).
+
+    A sparse one touches only its sent entries: the hub never builds its dense vector.
+    """
+
+    length: int
+
+    def add_to(self, total: np.ndarray, weight: float) -> None: ...
 
 
 def staleness_weight(staleness: int, exponent: float) -> float:
@@ -80,14 +93,25 @@ class FedBuff:
     def __len__(self) -> int:
         return self._count
 
-    def fold(self, delta: Parts, *, num_samples: int, staleness: int,
-             now: float | None = None) -> float:
-        """Add one update; returns the weight it got."""
+    def fold(self, delta: Mapping[str, np.ndarray | Addable], *, num_samples: int,
+             staleness: int, now: float | None = None) -> float:
+        """Add one update, each part a dense vector or an `Addable`; returns its weight.
+
+        The sums are float64: Σ w·Δ is accumulated in place, an Addable's
+        sparse entries scattered straight in.
+        """
         weight = num_samples * staleness_weight(staleness, self.staleness_exponent)
         for name, values in delta.items():
+            size = values.length if isinstance(values, Addable) else len(values)
             acc = self._sums.get(name)
-            contribution = weight * values.astype(np.float64)
-            self._sums[name] = contribution if acc is None else acc + contribution
+            if acc is None:
+                acc = self._sums[name] = np.zeros(size, np.float64)
+            elif acc.size != size:
+                raise ValueError(f"part {name} has {size} values, the buffer {acc.size}")
+            if isinstance(values, Addable):
+                values.add_to(acc, weight)
+            else:
+                acc += weight * np.asarray(values, dtype=np.float64)
             self._part_samples[name] = self._part_samples.get(name, 0) + num_samples
         self._samples += num_samples
         self._count += 1

@@ -27,10 +27,14 @@ from fedd.hub.aggregate import FedBuff, apply_delta
 from fedd.hub.models import ModelStore
 from fedd.link import Link, LinkDown
 from fedd.model import ModelSpec, TrainableModel
+from fedd.pipeline import DecodeError
 from fedd.service import Notifier
 from fedd.wire import GlobalModel, ModelUpdate, WireError
 
 log = logging.getLogger(__name__)
+
+
+PAYLOAD_REASON_PREFIX = "payload-"  # + a fedd.pipeline.REASONS code: a part's payload
 
 
 class Rejected(Exception):
@@ -101,10 +105,10 @@ class HubCore:
             raise Rejected("device-mismatch", f"{update.device} published on {topic}")
         if update.model != self.spec.name:
             raise Rejected("wrong-model", f"{update.model} is not {self.spec.name}")
-        sizes = {name: len(values) for name, values in update.parts.items()}
-        if any(self.spec.parts.get(name) != size for name, size in sizes.items()):
+        unknown = sorted(set(update.parts) - set(self.spec.parts))
+        if unknown:
             # A strategy may share only some parts (fedper: the body), never unknown ones.
-            raise Rejected("wrong-shape", f"parts {sizes} do not fit {self.spec.parts}")
+            raise Rejected("wrong-shape", f"parts {unknown} are not in {sorted(self.spec.parts)}")
         if update.seq <= self.last_seq.get(update.device, -1):
             raise Rejected("duplicate", f"{update.device} seq {update.seq} already seen")
         staleness = self.current.version - update.base_version
@@ -112,8 +116,16 @@ class HubCore:
             raise Rejected("future-base", f"base {update.base_version} > {self.current.version}")
         if staleness > self.config.aggregation.max_staleness:
             raise Rejected("too-stale", f"staleness {staleness}")
+        # Every part is checked before any is folded: a rejected update changes nothing.
+        decoded = {}
+        for name in update.parts:
+            try:
+                decoded[name] = update.read_part(name, length=self.spec.parts[name])
+            except DecodeError as exc:
+                raise Rejected(PAYLOAD_REASON_PREFIX + exc.reason,
+                               f"part {name}: {exc.detail}") from None
         self.last_seq[update.device] = update.seq
-        weight = self.buffer.fold(update.parts, num_samples=update.num_samples,
+        weight = self.buffer.fold(decoded, num_samples=update.num_samples,
                                   staleness=staleness, now=now)
         return Accepted(update.device, update.seq, staleness, weight)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 from pathlib import Path
 
 import cbor2
@@ -12,6 +14,7 @@ import pytest
 from fedd import topics
 from fedd.link import Message
 from fedd.model import ModelSpec
+from fedd.pipeline import Pipeline
 from fedd.wire import GlobalModel, Heartbeat, ModelUpdate
 
 pytestmark = pytest.mark.integration
@@ -104,11 +107,22 @@ def test_hub_and_agents_exchange_updates(broker, probe, fedd, agent_yaml, hub_ya
 
 
 def _update(spec: ModelSpec, *, device: str, seq: int, base_version: int,
-            parts: dict[str, np.ndarray] | None = None) -> bytes:
+            parts: dict[str, np.ndarray] | None = None, codec: str = "float32",
+            payloads: dict[str, bytes] | None = None) -> bytes:
+    fields = dict(device=device, seq=seq, base_version=base_version, model=spec.name,
+                  num_samples=10, created=1.0)
+    if payloads is not None:  # raw part payloads, e.g. a hand-made bad one
+        return ModelUpdate(parts=payloads, codec=codec, **fields).encode()
     parts = parts if parts is not None else {
         name: np.full(size, 1e-3, np.float32) for name, size in spec.parts.items()}
-    return ModelUpdate(device=device, seq=seq, base_version=base_version, model=spec.name,
-                       num_samples=10, parts=parts, created=1.0).encode()
+    return ModelUpdate.from_deltas(parts, codec=codec, **fields).encode()
+
+
+def _nan_body(spec: ModelSpec) -> bytes:
+    """A float32-stack body payload holding NaN, written by hand (no encoder makes one)."""
+    n = spec.parts["body"]
+    return (Pipeline.from_spec("float32").header + bytes([n & 0x7F | 0x80, n >> 7])
+            + np.full(n, np.nan, "<f4").tobytes())
 
 
 def test_malformed_updates_are_counted_and_the_hub_keeps_folding(
@@ -127,7 +141,13 @@ def test_malformed_updates_are_counted_and_the_hub_keeps_folding(
         "bad-keys": cbor2.dumps({"format": 1, "device": "probe-1"}),
         "too-large": b"\x00" * 70000,
         "wrong-shape": _update(spec, device="probe-1", seq=0, base_version=0,
-                               parts={"body": np.zeros(3, np.float32)}),
+                               parts={"tail": np.zeros(3, np.float32)}),
+        "payload-wrong-length": _update(spec, device="probe-1", seq=0, base_version=0,
+                                        parts={"body": np.zeros(3, np.float32)}),
+        "payload-non-finite": _update(spec, device="probe-1", seq=0, base_version=0,
+                                      payloads={"body": _nan_body(spec)}),
+        "unknown-codec": cbor2.dumps({**cbor2.loads(_update(
+            spec, device="probe-1", seq=0, base_version=0)), "codec": "gzip"}),
         "device-mismatch": _update(spec, device="someone-else", seq=0, base_version=0),
         "future-base": _update(spec, device="probe-1", seq=0, base_version=7),
     }
@@ -151,13 +171,62 @@ def test_malformed_updates_are_counted_and_the_hub_keeps_folding(
     for reason in bad:
         assert reason in hub.log(), f"the hub did not log the {reason} rejection"
 
-    # A replay of the same update is a duplicate; the next seq is folded again.
+    # A replay of the same update is a duplicate; the next seq, compressed, is folded again.
     probe.publish((topic, valid), (topic, _update(spec, device="probe-1", seq=1,
-                                                  base_version=1)))
+                                                  base_version=1, codec="topk:0.01+q:4+zstd")))
     status = wait_for(lambda: (s := status_of(hub_state)) and s["accepted"] >= 2 and s,
                       timeout=TIMEOUT_S, what="the second valid update", watch=[hub])
     assert status["rejected"] == {**dict.fromkeys(bad, 1), "duplicate": 1}
     assert status["version"] == 2
     assert hub.alive()
     assert "Traceback" not in hub.log()
+    assert hub.terminate() == 0, hub.tail()
+
+
+def _residuals(state: Path) -> dict[str, np.ndarray]:
+    """The error-feedback residuals in a stopped agent's store (state residual_<part>)."""
+    with sqlite3.connect(state / "agent.sqlite") as db:
+        rows = db.execute("SELECT key, value FROM state WHERE key LIKE 'residual_%'").fetchall()
+    return {key.removeprefix("residual_"): np.frombuffer(value[1:], "<f4")
+            for key, value in rows}
+
+
+def test_compressed_updates_keep_their_residuals_across_a_restart(
+        broker, fedd, agent_yaml, hub_yaml, manifest_path, tmp_path, wait_for, status_of):
+    fleet = "residual"
+    codec = Pipeline.from_spec("topk:0.01+q:4+zstd").spec
+    hub_state, agent_state = tmp_path / "hub-state", tmp_path / "agent-state"
+    hub = fedd.hub("hub", hub_yaml(tmp_path / "hub.yaml", broker=broker, state_dir=hub_state,
+                                   fleet=fleet))
+    config = agent_yaml(tmp_path / "agent.yaml", broker=broker, device_id="squeezed",
+                        fleet=fleet, state_dir=agent_state, uplink={"codec": codec})
+    first = fedd.agent("agent-1", config)
+    status = wait_for(lambda: (s := status_of(agent_state)) and s["updates_sent"] >= 2 and s,
+                      timeout=TIMEOUT_S, what="two compressed updates", watch=[hub, first])
+    assert first.terminate() == 0, first.tail()
+    status = status_of(agent_state)
+    last = status["last_update"]
+    assert last["codec"] == codec and status["last_update_bytes"] == last["bytes"]
+    assert last["bytes"] < 1000, "a top-k 1 % update of har-mlp should be a few hundred bytes"
+    assert status["uplink_bytes"] / status["updates_sent"] < 1200  # MQTT framing included
+    spec = ModelSpec.from_manifest(manifest_path, "har-mlp")
+    residuals = _residuals(agent_state)
+    assert set(residuals) == set(spec.parts)
+    assert all(r.size == spec.parts[n] and np.isfinite(r).all() for n, r in residuals.items())
+    assert np.linalg.norm(residuals["body"]) > 0, "top-k 1 % leaves most of the delta unsent"
+
+    second = fedd.agent("agent-2", config)
+    line = second.wait_log("residuals carried")
+    for name, residual in residuals.items():
+        norm = re.search(rf"{name} \|r\|=([0-9.e+-]+)", line)
+        assert norm, line
+        assert float(norm.group(1)) == pytest.approx(float(np.linalg.norm(residual)), rel=1e-4)
+    seq = last["seq"]
+    wait_for(lambda: (s := status_of(agent_state)) and s["pid"] == second.pid
+             and s["last_update"]["seq"] > seq and s,
+             timeout=TIMEOUT_S, what="a compressed update from the second run",
+             watch=[hub, second])
+    assert second.terminate() == 0, second.tail()
+    hub_status = status_of(hub_state)
+    assert hub_status["rejected"] == {} and hub_status["accepted"] >= 3
     assert hub.terminate() == 0, hub.tail()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedd.hub.aggregate import FedBuff, apply_delta, staleness_weight, weighted_mean
+from fedd.pipeline import Pipeline
 
 SIZES = {"body": 257, "head": 13}
 
@@ -215,3 +216,32 @@ def test_apply_delta_zero_delta_is_identity() -> None:
     new = apply_delta(parts, {k: np.zeros_like(v) for k, v in parts.items()}, 0.7)
     for name in SIZES:
         np.testing.assert_array_equal(new[name], parts[name])
+
+
+@pytest.mark.parametrize("codec", ["topk:0.05+q:4+zstd", "topk:3", "q:8", "float32"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fold_of_decoded_parts_equals_the_dense_reference(codec: str, seed: int) -> None:
+    """Decoded (sparse or dense) parts fold like their dense vectors, without building them."""
+    pipe = Pipeline.from_spec(codec)
+    rng = np.random.default_rng(seed)
+    decoded, dense = [], []
+    for _ in range(4):
+        parts = {name: pipe.read(pipe.encode(values, rng=rng).payload, length=values.size,
+                                 max_bytes=1 << 20)
+                 for name, values in random_delta(rng).items()}
+        decoded.append(parts)
+        dense.append({name: part.dense() for name, part in parts.items()})
+    by_parts, by_vectors = buffer(quorum=1), buffer(quorum=1)
+    for i, (parts, vectors) in enumerate(zip(decoded, dense, strict=True)):
+        by_parts.fold(parts, num_samples=10 + i, staleness=i % 3, now=0.0)
+        by_vectors.fold(vectors, num_samples=10 + i, staleness=i % 3, now=0.0)
+    got, want = by_parts.flush(), by_vectors.flush()
+    for name in SIZES:
+        np.testing.assert_allclose(got.delta[name], want.delta[name], rtol=1e-6, atol=1e-9)
+
+
+def test_fold_refuses_a_part_of_another_length() -> None:
+    buf = buffer(quorum=1)
+    buf.fold({"body": np.ones(4, np.float32)}, num_samples=1, staleness=0)
+    with pytest.raises(ValueError, match="part body"):
+        buf.fold({"body": np.ones(5, np.float32)}, num_samples=1, staleness=0)

@@ -364,3 +364,21 @@ def test_load_config_dispatches_and_role_overrides(tmp_path):
         load_config(hub, role="agent")
     with pytest.raises(ValueError, match="role"):
         load_config(agent, role="device")  # type: ignore[arg-type]
+
+
+def test_uplink_codec_is_checked_with_the_pipelines_sentence(tmp_path):
+    good = load_agent_config(write(tmp_path, """
+        device_id: d1
+        uplink:
+          codec: topk:0.01+q:4+zstd
+        """))
+    assert good.uplink.codec == "topk:0.01+q:4+zstd"
+    assert load_agent_config(write(tmp_path, "device_id: d1\n")).uplink.codec == "float32"
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(write(tmp_path, """
+            device_id: d1
+            uplink:
+              codec: topk:0.01+q:3
+            """))
+    text = str(info.value)
+    assert "uplink" in text and "q" in text and "3" in text

@@ -13,10 +13,12 @@ import pytest
 
 from fedd import topics
 from fedd.config import HubConfig, load_hub_config
+from fedd.hub.aggregate import weighted_mean
 from fedd.hub.models import ModelStore
 from fedd.hub.service import HubCore, Rejected
 from fedd.model import ModelSpec, TrainableModel
-from fedd.wire import ModelUpdate
+from fedd.pipeline import Pipeline
+from fedd.wire import ModelUpdate, encode_deltas
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
 FLEET = "lab"
@@ -77,11 +79,23 @@ def delta(spec: ModelSpec, seed: int, scale: float = 0.01) -> dict[str, np.ndarr
 
 def payload(spec: ModelSpec, device: str = "dev-1", seq: int = 0, base: int = 0,
             num_samples: int = 100, parts: dict[str, np.ndarray] | None = None,
-            model: str = "har-mlp", seed: int = 0) -> bytes:
-    return ModelUpdate(device=device, seq=seq, base_version=base, model=model,
-                       num_samples=num_samples,
-                       parts=delta(spec, seed) if parts is None else parts,
-                       created=1_700_000_000.0).encode()
+            model: str = "har-mlp", seed: int = 0, codec: str = "float32",
+            payloads: dict[str, bytes] | None = None) -> bytes:
+    """An encoded update of float32 deltas through `codec`, or of raw part `payloads`."""
+    fields = dict(device=device, seq=seq, base_version=base, model=model,
+                  num_samples=num_samples, created=1_700_000_000.0)
+    if payloads is not None:
+        return ModelUpdate(parts=payloads, codec=Pipeline.from_spec(codec).spec,
+                           **fields).encode()
+    return ModelUpdate.from_deltas(delta(spec, seed) if parts is None else parts, codec=codec,
+                                   rng=np.random.default_rng(seed), **fields).encode()
+
+
+def float32_payload(values: np.ndarray) -> bytes:
+    """A float32-stack payload written by hand (so it may hold NaN); n < 2**14."""
+    n = values.size
+    return (Pipeline.from_spec("float32").header + bytes([n & 0x7F | 0x80, n >> 7])
+            + np.asarray(values, "<f4").tobytes())
 
 
 def topic(device: str) -> str:
@@ -185,18 +199,30 @@ def test_stale_update_is_damped_and_learning_rate_applied(
     (lambda spec: (topic("dev-2"), payload(spec, device="dev-1")), "device-mismatch"),
     (lambda spec: (topic("dev-1"), payload(spec, model="har-cnn")), "wrong-model"),
     (lambda spec: (topic("dev-1"), payload(spec, parts={"body": np.zeros(8287, np.float32)})),
-     "wrong-shape"),
+     "payload-wrong-length"),
     (lambda spec: (topic("dev-1"), payload(spec, parts={
-        "body": np.zeros(8288, np.float32), "head": np.zeros(197, np.float32)})), "wrong-shape"),
+        "body": np.zeros(8288, np.float32), "head": np.zeros(197, np.float32)})),
+     "payload-wrong-length"),
     (lambda spec: (topic("dev-1"), payload(spec, parts={
         **delta(spec, 0), "tail": np.zeros(1, np.float32)})), "wrong-shape"),
+    (lambda spec: (topic("dev-1"), payload(spec, payloads={
+        "body": float32_payload(np.full(8288, np.nan, np.float32))})), "payload-non-finite"),
+    (lambda spec: (topic("dev-1"), payload(spec, payloads={
+        "body": float32_payload(np.zeros(8288, np.float32))[:-1]})), "payload-truncated"),
+    (lambda spec: (topic("dev-1"), payload(spec, payloads={
+        "body": Pipeline.from_spec("topk:0.01+q:4").encode(
+            np.ones(8288, np.float32)).payload})), "payload-stack-mismatch"),
+    (lambda spec: (topic("dev-1"), payload(spec, payloads={
+        "body": b"\x02" + float32_payload(np.zeros(8288, np.float32))[1:]})),
+     "payload-unknown-version"),
     (lambda spec: (topic("dev-1"), payload(spec, base=1)), "future-base"),
     (lambda spec: (topic("dev-1"), b"\xffgarbage"), "not-cbor"),
     (lambda spec: (topic("dev-1"), payload(spec)[:-7]), "not-cbor"),
     (lambda spec: (topic("dev-1"), b"\xa0"), "bad-keys"),
     (lambda spec: (topic("dev-1"), b"\0" * 200001), "too-large"),
 ], ids=["device-mismatch", "wrong-model", "short-body-alone", "short-part", "extra-part",
-        "future-base", "garbage", "truncated", "empty-map", "too-large"])
+        "nan-payload", "truncated-payload", "other-stack", "payload-version", "future-base",
+        "garbage", "truncated", "empty-map", "too-large"])
 def test_rejections_are_counted_and_change_nothing(
         core: HubCore, spec: ModelSpec, make: Any, reason: str) -> None:
     send(core, spec, device="other", seq=0, seed=5)
@@ -316,3 +342,49 @@ def test_a_body_only_update_moves_only_the_body(core: HubCore, spec: ModelSpec) 
     model = core.next_version()
     np.testing.assert_allclose(model.parts["body"], before["body"] + 0.5, rtol=1e-6)
     np.testing.assert_array_equal(model.parts["head"], before["head"])
+
+
+# ---------------------------------------------------------------- compressed
+
+
+def test_compressed_updates_fold_to_the_dense_reference(
+        core: HubCore, spec: ModelSpec) -> None:
+    """topk+q+zstd updates: the new version is v0 + the weighted mean of what was sent,
+    and that is the top-k (float32) reference within 4-bit quantization error."""
+    codec = "topk:0.01+q:4+zstd"
+    v0 = core.current
+    pipe = Pipeline.from_spec(codec)
+    deltas = [delta(spec, seed) for seed in (1, 2)]
+    counts = [100, 300]
+    sent, sparse_only = [], []
+    for i, (d, n) in enumerate(zip(deltas, counts, strict=True)):
+        encoded = encode_deltas(pipe, d, rng=np.random.default_rng(i))
+        assert encoded.bytes < 0.02 * sum(v.nbytes for v in d.values())
+        core.receive(topic(f"dev-{i}"), ModelUpdate(
+            device=f"dev-{i}", seq=0, base_version=0, model=spec.name, num_samples=n,
+            parts=encoded.payloads, created=1.0, codec=pipe.spec).encode(), now=0.0)
+        sent.append({name: pipe.decode(p, length=spec.parts[name], max_bytes=1 << 20)
+                     for name, p in encoded.payloads.items()})
+        sparse_only.append({name: Pipeline.from_spec("topk:0.01").decode(
+            Pipeline.from_spec("topk:0.01").encode(v).payload, length=v.size,
+            max_bytes=1 << 20) for name, v in d.items()})
+    model = core.next_version()
+    exact = weighted_mean(sent, counts, sum(counts))
+    reference = weighted_mean(sparse_only, counts, sum(counts))
+    for name in spec.parts:
+        moved = model.parts[name] - v0.parts[name]
+        np.testing.assert_allclose(moved, exact[name], rtol=1e-5, atol=1e-7)
+        # 4 bits: at most one quantization step (2 * scale / 15) per sent value.
+        step = 2 * max(float(np.abs(d[name]).max()) for d in deltas) / 15
+        assert np.abs(moved - reference[name]).max() <= step
+        assert np.count_nonzero(moved) <= sum(max(1, round(0.01 * spec.parts[name]))
+                                              for _ in deltas)
+
+
+def test_an_update_must_read_as_its_declared_codec(core: HubCore, spec: ModelSpec) -> None:
+    sparse = Pipeline.from_spec("topk:0.01+q:4+zstd").encode(np.ones(8288, np.float32))
+    with pytest.raises(Rejected) as info:
+        core.receive(topic("dev-1"), payload(spec, codec="float32",
+                                             payloads={"body": sparse.payload}), now=0.0)
+    assert info.value.reason == "payload-stack-mismatch"
+    assert send(core, spec, codec="topk:0.01+q:4+zstd").seq == 0

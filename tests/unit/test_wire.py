@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fedd.pipeline import REASONS, DecodeError, Pipeline
 from fedd.wire import (
     FORMAT,
     MAX_JSON_BYTES,
@@ -24,6 +25,7 @@ from fedd.wire import (
     Heartbeat,
     ModelUpdate,
     WireError,
+    encode_deltas,
     parts_digest,
 )
 
@@ -42,10 +44,28 @@ def tricky_parts(seed: int = 0) -> dict[str, np.ndarray]:
     return {"body": body, "head": rng.normal(0, 1e-3, 17).astype(np.float32)}
 
 
-def update(**changes: Any) -> ModelUpdate:
-    base = ModelUpdate(device="dev-01", seq=7, base_version=3, model="har-mlp",
-                       num_samples=250, parts=tricky_parts(), created=1_700_000_000.25)
+def update(*, parts: dict[str, np.ndarray] | None = None, codec: str = "float32",
+           **changes: Any) -> ModelUpdate:
+    """A valid update of float32 deltas (tricky_parts unless given) through `codec`."""
+    base = ModelUpdate.from_deltas(tricky_parts() if parts is None else parts, codec=codec,
+                                   rng=np.random.default_rng(0), device="dev-01", seq=7,
+                                   base_version=3, model="har-mlp", num_samples=250,
+                                   created=1_700_000_000.25)
     return replace(base, **changes)
+
+
+def float32_payload(values: np.ndarray) -> bytes:
+    """A float32-stack pipeline payload written by hand (so it may hold NaN)."""
+    values = np.asarray(values, "<f4")
+    assert values.size < 128  # n fits one varint byte
+    return Pipeline.from_spec("float32").header + bytes([values.size]) + values.tobytes()
+
+
+def dense_parts(message: ModelUpdate, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    return {name: message.read_part(name, length=sizes[name]).dense() for name in message.parts}
+
+
+SIZES = {name: len(values) for name, values in tricky_parts().items()}
 
 
 def global_model(**changes: Any) -> GlobalModel:
@@ -93,9 +113,53 @@ def test_update_round_trip_is_bit_exact() -> None:
     assert (got.device, got.seq, got.base_version, got.model, got.num_samples, got.created,
             got.codec) == (sent.device, sent.seq, sent.base_version, sent.model,
                            sent.num_samples, sent.created, sent.codec)
-    assert isinstance(got.parts, dict)
-    assert_bit_exact(got.parts, sent.parts)
-    assert got.parts["body"].tobytes()[:4] == struct.pack("<f", -0.0)
+    assert isinstance(got.parts, dict) and got.parts == sent.parts
+    values = dense_parts(got, SIZES)
+    assert_bit_exact(values, tricky_parts())
+    assert values["body"].tobytes()[:4] == struct.pack("<f", -0.0)
+
+
+@pytest.mark.parametrize("codec", ["topk:0.1+q:4+zstd", "f16", "q:8", "topk:5+sign"])
+def test_compressed_update_round_trip(codec: str) -> None:
+    deltas = tricky_parts(3)
+    deltas["body"][:6] = 0.5  # no extremes: a lossy codec's error is relative to the range
+    sent = update(parts=deltas, codec=codec)
+    assert sent.codec == Pipeline.from_spec(codec).spec  # canonical on the wire
+    got = ModelUpdate.decode(sent.encode(), max_bytes=MAX)
+    assert got.codec == sent.codec and got.parts == sent.parts
+    values = dense_parts(got, SIZES)
+    for name, delta in deltas.items():
+        assert values[name].shape == delta.shape and np.isfinite(values[name]).all()
+    assert len(sent.encode()) < len(update(parts=deltas).encode())
+
+
+def test_encode_deltas_keeps_residuals_and_drops_a_misfit() -> None:
+    pipe = Pipeline.from_spec("topk:0.1+q:4+zstd")
+    rng = np.random.default_rng(2)
+    deltas = {name: rng.normal(0, 1, size).astype(np.float32) for name, size in SIZES.items()}
+    first = encode_deltas(pipe, deltas, rng=np.random.default_rng(1))
+    assert set(first.residuals) == set(deltas) and first.bytes == sum(
+        len(p) for p in first.payloads.values())
+    # What was not sent is carried: delta = sent + residual.
+    sent = {n: pipe.decode(p, length=SIZES[n], max_bytes=1 << 16)
+            for n, p in first.payloads.items()}
+    for name in deltas:
+        np.testing.assert_allclose(sent[name] + first.residuals[name], deltas[name], atol=1e-6)
+    misfit = {"body": np.ones(5, np.float32), "head": first.residuals["head"]}
+    again = encode_deltas(pipe, deltas, misfit, rng=np.random.default_rng(1))
+    assert again.payloads["body"] == first.payloads["body"]  # the 5-value residual dropped
+
+
+def test_read_part_refuses_another_stack_and_a_wrong_length() -> None:
+    sparse = update(codec="topk:0.1+q:4+zstd")
+    mixed = replace(update(), parts={**update().parts, "head": sparse.parts["head"]})
+    got = ModelUpdate.decode(mixed.encode(), max_bytes=MAX)
+    with pytest.raises(DecodeError) as info:
+        got.read_part("head", length=SIZES["head"])
+    assert info.value.reason == "stack-mismatch"
+    with pytest.raises(DecodeError) as info:
+        got.read_part("body", length=SIZES["body"] + 1)
+    assert info.value.reason == "wrong-length"
 
 
 def test_update_payload_is_the_documented_map() -> None:
@@ -103,7 +167,9 @@ def test_update_payload_is_the_documented_map() -> None:
     assert set(obj) == ModelUpdate.KEYS
     assert obj["format"] == FORMAT and obj["codec"] == "float32"
     assert obj["trigger"] == "version"
-    assert obj["parts"]["head"] == tricky_parts()["head"].astype("<f4").tobytes()
+    head = tricky_parts()["head"].astype("<f4")
+    assert obj["parts"]["head"] == float32_payload(head)
+    assert obj["parts"]["head"][:4] == bytes([1, 1, 1, 17])  # version, 1 stage, float32, n
 
 
 def test_global_model_round_trip_keeps_digest_and_values() -> None:
@@ -220,30 +286,36 @@ def test_float_format_number_is_unknown(decode: str) -> None:
         assert reason_of(payload, GlobalModel.decode) == "unknown-format"
 
 
-@pytest.mark.parametrize("codec", ["float16", "FLOAT32", "", None, 32])
+@pytest.mark.parametrize("codec", ["float16", "FLOAT32", "", None, 32, "f32", "gzip",
+                                   "topk:0.01+q:4+zstd", "zstd+q:4", "x" * 65])
 def test_unknown_codec(codec: Any) -> None:
     assert reason_of(cbor2.dumps(raw_update(codec=codec))) == "unknown-codec"
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("where", [0, 150, 299])
-def test_non_finite_part_value(bad: float, where: int) -> None:
-    body = tricky_parts()["body"].copy()
-    body[where] = bad
-    assert reason_of(update(parts={"body": body}).encode()) == "non-finite"
+@pytest.mark.parametrize("where", [0, 7, 16])
+def test_non_finite_part_value_is_refused_by_its_reader(bad: float, where: int) -> None:
+    head = tricky_parts()["head"].copy()
+    head[where] = bad
+    obj = raw_update(parts={"head": float32_payload(head)})
+    got = ModelUpdate.decode(cbor2.dumps(obj), max_bytes=MAX)  # the wire does not decode
+    with pytest.raises(DecodeError) as info:
+        got.read_part("head", length=17)
+    assert info.value.reason == "non-finite"
 
 
 def test_non_finite_signalling_nan_bits() -> None:
-    blob = bytearray(np.zeros(4, "<f4").tobytes())
-    blob[4:8] = struct.pack("<I", 0x7F800001)  # a signalling NaN, not produced by numpy ops
-    obj = raw_update(parts={"body": bytes(blob)})
-    assert reason_of(cbor2.dumps(obj)) == "non-finite"
+    blob = bytearray(float32_payload(np.zeros(4, np.float32)))
+    blob[-8:-4] = struct.pack("<I", 0x7F800001)  # a signalling NaN, not produced by numpy ops
+    got = ModelUpdate.decode(cbor2.dumps(raw_update(parts={"body": bytes(blob)})),
+                             max_bytes=MAX)
+    with pytest.raises(DecodeError, match=r"^non-finite"):
+        got.read_part("body", length=4)
 
 
 @pytest.mark.parametrize("parts", [
-    {"body": b"\0\0\0"},
-    {"body": b"\0" * 9},
-    {"body": b"\0" * 8, "head": b"\0" * 6},
+    {"body": b""},
+    {"body": b"\0" * 8, "head": b""},
     {},
     {f"p{i}": b"\0\0\0\0" for i in range(MAX_PARTS + 1)},
     {"bo/dy": b"\0" * 4},
@@ -257,7 +329,7 @@ def test_non_finite_signalling_nan_bits() -> None:
     {"body": None},
     [b"\0" * 4],
     b"\0" * 4,
-], ids=["3-bytes", "9-bytes", "second-part-6-bytes", "empty", "too-many", "slash-name",
+], ids=["empty-payload", "second-part-empty", "empty", "too-many", "slash-name",
         "plus-name", "empty-name", "underscore-first", "long-name", "int-name", "list-values",
         "text-values", "null-values", "list-not-map", "bytes-not-map"])
 def test_bad_parts(parts: Any) -> None:
@@ -407,8 +479,11 @@ def test_heartbeat_deeply_nested_json() -> None:
 # ------------------------------------------------------------------- fuzzing
 
 
-VALID = update(parts={"body": np.linspace(-1, 1, 24, dtype=np.float32),
-                      "head": np.arange(6, dtype=np.float32)}).encode()
+FUZZ_DELTAS = {"body": np.linspace(-1, 1, 24, dtype=np.float32),
+               "head": np.arange(6, dtype=np.float32)}
+FUZZ_SIZES = {"body": 24, "head": 6}
+VALID = update(parts=FUZZ_DELTAS).encode()
+VALID_SPARSE = update(parts=FUZZ_DELTAS, codec="topk:0.25+q:4+zstd").encode()
 
 
 def decodes_or_refuses(payload: bytes, max_bytes: int = 4096) -> None:
@@ -417,8 +492,7 @@ def decodes_or_refuses(payload: bytes, max_bytes: int = 4096) -> None:
         got = ModelUpdate.decode(payload, max_bytes=max_bytes)
     except WireError as exc:
         assert exc.reason in {"too-large", "not-cbor", "not-a-map", "bad-keys",
-                              "unknown-format", "unknown-codec", "non-finite", "bad-parts",
-                              "bad-field"}
+                              "unknown-format", "unknown-codec", "bad-parts", "bad-field"}
         return
     assert len(payload) <= max_bytes
     assert isinstance(got.device, str) and isinstance(got.model, str)
@@ -426,8 +500,15 @@ def decodes_or_refuses(payload: bytes, max_bytes: int = 4096) -> None:
     assert got.seq >= 0 and got.base_version >= 0 and got.num_samples >= 1
     assert math.isfinite(got.created)
     assert 1 <= len(got.parts) <= MAX_PARTS
-    for values in got.parts.values():
-        assert values.dtype == np.float32 and np.isfinite(values).all()
+    Pipeline.from_spec(got.codec)
+    for name, blob in got.parts.items():
+        assert isinstance(blob, bytes) and blob
+        try:  # and each part reads as a finite vector or is refused with a known reason
+            values = got.read_part(name, length=FUZZ_SIZES.get(name, 24)).dense()
+        except DecodeError as exc:
+            assert exc.reason in REASONS
+        else:
+            assert values.dtype == np.float32 and np.isfinite(values).all()
 
 
 @FUZZ
@@ -441,6 +522,16 @@ def test_fuzz_random_bytes(payload: bytes, max_bytes: int) -> None:
                 min_size=1, max_size=8))
 def test_fuzz_bit_flips(flips: list[tuple[int, int]]) -> None:
     payload = bytearray(VALID)
+    for index, bit in flips:
+        payload[index] ^= 1 << bit
+    decodes_or_refuses(bytes(payload))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(VALID_SPARSE) - 1), st.integers(0, 7)),
+                min_size=1, max_size=8))
+def test_fuzz_bit_flips_compressed(flips: list[tuple[int, int]]) -> None:
+    payload = bytearray(VALID_SPARSE)
     for index, bit in flips:
         payload[index] ^= 1 << bit
     decodes_or_refuses(bytes(payload))
