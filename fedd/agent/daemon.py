@@ -431,15 +431,18 @@ class Agent:
         seq = int(self.store.get("next_seq", 0)) if shares else None
         payload, residuals, sent_bytes = None, {}, None
         if seq is not None:
-            encoded = encode_deltas(self.uplink, result.delta, {
-                name: self.store.get(RESIDUAL_PREFIX + name) for name in result.delta})
+            carried = {name: self.store.get(RESIDUAL_PREFIX + name) for name in result.delta}
+            encoded = encode_deltas(self.uplink, result.delta, carried)
             update = ModelUpdate(device=self.config.device_id, seq=seq,
                                  base_version=result.base_version, model=self.spec.name,
                                  num_samples=result.num_samples, parts=encoded.payloads,
                                  created=created, codec=self.uplink.spec, trigger=trigger)
             payload = update.encode()
+            # A lossless codec leaves zeros behind: write a residual only when it holds
+            # something or replaces one that did.
             residuals = {RESIDUAL_PREFIX + name: residual
-                         for name, residual in encoded.residuals.items()}
+                         for name, residual in encoded.residuals.items()
+                         if residual.any() or carried.get(name) is not None}
             sent_bytes = len(payload)
         self.last_update = {"seq": seq, "base_version": result.base_version,
                             "trigger": trigger, "drift": drift_reason,
