@@ -127,16 +127,22 @@ def encode_parts(parts: Mapping[str, np.ndarray]) -> dict[str, bytes]:
             for name, values in sorted(parts.items())}
 
 
-def decode_parts(raw: Any) -> dict[str, np.ndarray]:
-    """Strict inverse of `encode_parts`: bounded, float32-aligned, finite."""
+def _named_blobs(raw: Any) -> dict[str, Any]:
+    """A parts map: 1-MAX_PARTS entries whose names are identifiers."""
     if not isinstance(raw, dict) or not raw:
         raise WireError("bad-parts", "parts must be a non-empty map")
     if len(raw) > MAX_PARTS:
         raise WireError("bad-parts", f"{len(raw)} parts exceed {MAX_PARTS}")
-    parts = {}
-    for name, blob in raw.items():
+    for name in raw:
         if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
             raise WireError("bad-parts", f"part name {name!r} is not an identifier")
+    return raw
+
+
+def decode_parts(raw: Any) -> dict[str, np.ndarray]:
+    """Strict inverse of `encode_parts`: bounded, float32-aligned, finite."""
+    parts = {}
+    for name, blob in _named_blobs(raw).items():
         if not isinstance(blob, bytes) or len(blob) % 4 or len(blob) // 4 > MAX_PART_VALUES:
             raise WireError("bad-parts", f"part {name} is not a float32 vector")
         values = np.frombuffer(blob, dtype="<f4").astype(np.float32)
@@ -178,14 +184,8 @@ def decode_payload_parts(raw: Any) -> dict[str, bytes]:
     The payloads themselves are not decoded here: that needs each part's
     expected length, which only the hub knows (`ModelUpdate.read_part`).
     """
-    if not isinstance(raw, dict) or not raw:
-        raise WireError("bad-parts", "parts must be a non-empty map")
-    if len(raw) > MAX_PARTS:
-        raise WireError("bad-parts", f"{len(raw)} parts exceed {MAX_PARTS}")
     parts = {}
-    for name, blob in raw.items():
-        if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
-            raise WireError("bad-parts", f"part name {name!r} is not an identifier")
+    for name, blob in _named_blobs(raw).items():
         if not isinstance(blob, bytes) or not 0 < len(blob) <= MAX_PART_PAYLOAD:
             raise WireError("bad-parts", f"part {name} is not a pipeline payload")
         parts[name] = blob
