@@ -502,8 +502,6 @@ class Agent:
                  f"update {seq} queued" if seq is not None
                  else budget if budget
                  else f"stopped ({run.stopped}), nothing sent" if not done else "nothing to send")
-        if budget:
-            self.decision = budget
 
     def _allowance(self, now: float) -> tuple[int | None, str | None]:
         """The bytes the next update may take (None: unlimited) and a sentence about it."""
