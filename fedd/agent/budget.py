@@ -32,8 +32,8 @@ class HourlyWindow:
         self._expire(now)
 
     def used(self, now: float) -> int:
-        self._expire(now)
-        return sum(n for _, n in self.records)
+        """Bytes in the hour before `now` (reads only: the model thread asks too)."""
+        return sum(n for t, n in self.records if now - t < HOUR_S)
 
     def _expire(self, now: float) -> None:
         self.records = [(t, n) for t, n in self.records if now - t < HOUR_S]
