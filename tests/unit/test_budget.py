@@ -1,8 +1,10 @@
 """The uplink budget: hourly window, allowance and level choice (pure, no daemon)."""
 
 import numpy as np
+import pytest
 
 from fedd.agent.budget import HourlyWindow, allowance, choose_level, levels
+from fedd.config import ConfigError, load_agent_config
 
 
 def test_window_counts_the_last_hour_only():
@@ -56,3 +58,14 @@ def test_choose_level_takes_the_first_that_fits():
     pipeline, nbytes = chosen
     assert nbytes <= 200 and pipeline.sparse
     assert choose_level("float32", delta.size, size, 5) is None  # even k = 1 does not fit
+
+
+def test_config_takes_null_or_at_least_64_bytes(tmp_path):
+    path = tmp_path / "fedd.yaml"
+    path.write_text("device_id: d1\nuplink:\n  bytes_per_hour: 2000\n  max_update_bytes: null\n")
+    uplink = load_agent_config(path).uplink
+    assert (uplink.bytes_per_hour, uplink.max_update_bytes) == (2000, None)
+    path.write_text("device_id: d1\nuplink:\n  max_update_bytes: 63\n")
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(path)
+    assert info.value.key == "uplink.max_update_bytes", str(info.value)
