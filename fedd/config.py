@@ -295,6 +295,9 @@ class UplinkConfig:
     """How updates are compressed on their way to the hub (docs/wire-format.md)."""
 
     codec: str = "float32"
+    # Whole MQTT PUBLISHes of updates (fedd.link.publish_wire_bytes); None = unlimited.
+    bytes_per_hour: int | None = setting(None, min=64)
+    max_update_bytes: int | None = setting(None, min=64)
 
     def __post_init__(self) -> None:
         Pipeline.from_spec(self.codec)  # a SpecError is the pipeline's own sentence

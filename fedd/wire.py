@@ -374,6 +374,9 @@ class Heartbeat:
     rss_bytes: int
     last_update_energy_j: float | None = None
     last_update_bytes: int | None = None  # the encoded update (CBOR), before MQTT framing
+    uplink_bytes_hour: int = 0  # update PUBLISH bytes acknowledged in the last hour
+    uplink_budget_hour: int | None = None  # uplink.bytes_per_hour; None: unlimited
+    goodput_bps: float | None = None  # bytes/s, publish → PUBACK (EWMA); None: none yet
     evaluation: Evaluation | None = None
     drift: Drift | None = None
 

@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 
 from fedd import topics
+from fedd.agent.budget import HourlyWindow, allowance, choose_level
 from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
 from fedd.agent.drift import DriftMonitor, DriftScore
 from fedd.agent.features import model_inputs
@@ -62,6 +63,7 @@ MAX_OUTBOX = 16
 RETENTION_EVERY = 64
 REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
+GOODPUT_ALPHA = 0.3  # weight of the newest acknowledged publish in the goodput EWMA
 RESIDUAL_PREFIX = "residual_"  # + a part name: that part's error-feedback residual (store)
 
 
@@ -121,6 +123,10 @@ class Agent:
         self.last_update: dict[str, object] | None = self.store.get("last_update")
         self.updates_sent = int(self.store.get("updates_sent", 0))
         self.uplink_bytes = int(self.store.get("uplink_bytes", 0))
+        # Bytes of acknowledged (or refused) update PUBLISHes in the last hour, and the
+        # link's goodput (bytes/s from publish to PUBACK, an EWMA): both survive restarts.
+        self.uplink_window = HourlyWindow.from_state(self.store.get("uplink_window"))
+        self.goodput: float | None = self.store.get("goodput_bps")
         self.last_trained_version: int | None = self.store.get("last_trained_version")
         self.labelled_at_last_round = int(self.store.get("labelled_at_last_round", 0))
         self.last_round_at = 0.0
@@ -429,25 +435,48 @@ class Agent:
         # is discarded (its delta would claim all the windows): nothing to send either way.
         shares = bool(result.delta) and run.stopped is None
         seq = int(self.store.get("next_seq", 0)) if shares else None
-        payload, residuals, sent_bytes = None, {}, None
+        payload, residuals, sent_bytes, codec, budget = None, {}, None, self.uplink.spec, None
         if seq is not None:
             carried = {name: self.store.get(RESIDUAL_PREFIX + name) for name in result.delta}
-            encoded = encode_deltas(self.uplink, result.delta, carried)
-            update = ModelUpdate(device=self.config.device_id, seq=seq,
-                                 base_version=result.base_version, model=self.spec.name,
-                                 num_samples=result.num_samples, parts=encoded.payloads,
-                                 created=created, codec=self.uplink.spec, trigger=trigger)
-            payload = update.encode()
-            # A lossless codec leaves zeros behind: write a residual only when it holds
-            # something or replaces one that did.
-            residuals = {RESIDUAL_PREFIX + name: residual
-                         for name, residual in encoded.residuals.items()
-                         if residual.any() or carried.get(name) is not None}
-            sent_bytes = len(payload)
+            topic = topics.update(self.config.fleet, self.config.device_id)
+            encodings: dict[str, tuple[bytes, dict[str, np.ndarray]]] = {}
+
+            def size(pipeline: Pipeline) -> int:
+                # Every level starts from the SAME carried residual.
+                encoded = encode_deltas(pipeline, result.delta, carried)
+                data = ModelUpdate(device=self.config.device_id, seq=seq,
+                                   base_version=result.base_version, model=self.spec.name,
+                                   num_samples=result.num_samples, parts=encoded.payloads,
+                                   created=created, codec=pipeline.spec,
+                                   trigger=trigger).encode()
+                encodings[pipeline.spec] = data, encoded.residuals
+                return publish_wire_bytes(topic, data, qos=1)
+
+            limit, budget = self._allowance(time.time())
+            chosen = choose_level(self.uplink.spec, max(self.spec.parts.values()), size, limit)
+            if chosen is None:
+                # Budget spent: send nothing; residual += delta is exactly "send nothing".
+                residuals = {RESIDUAL_PREFIX + name: (delta if carried.get(name) is None
+                                                      or carried[name].shape != delta.shape
+                                                      else carried[name] + delta
+                                                      ).astype(np.float32)
+                             for name, delta in result.delta.items()}
+                budget += "; delta folded into the residual"
+                seq, codec = None, None
+            else:
+                codec = chosen[0].spec
+                payload, kept = encodings[codec]
+                # A lossless codec leaves zeros behind: write a residual only when it holds
+                # something or replaces one that did.
+                residuals = {RESIDUAL_PREFIX + name: residual for name, residual in kept.items()
+                             if residual.any() or carried.get(name) is not None}
+                sent_bytes = len(payload)
+                if codec != self.uplink.spec:
+                    budget += f"; sent as {codec} ({chosen[1]:,} B)"
         self.last_update = {"seq": seq, "base_version": result.base_version,
                             "trigger": trigger, "drift": drift_reason,
                             "samples": result.num_samples, "time": created,
-                            "codec": self.uplink.spec, "bytes": sent_bytes,
+                            "codec": codec, "bytes": sent_bytes, "budget": budget,
                             "loss_before": _rounded(result.loss_before),
                             "loss_after": _rounded(result.loss_after),
                             **run.as_dict()}
@@ -458,7 +487,7 @@ class Agent:
             state.update(last_trained_version=result.base_version,
                          labelled_at_last_round=len(labels))
         if seq is None or payload is None:
-            self.store.put(**state)
+            self.store.put(**state, **residuals)  # residuals: a delta folded in
         else:
             # The update, its seq and the residuals it leaves: one transaction.
             self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
@@ -470,8 +499,21 @@ class Agent:
         self.last_round_at = time.monotonic()
         log.info("round (%s) on version %d, %d windows, loss %.3f → %.3f: %s", trigger,
                  result.base_version, result.num_samples, result.loss_before, result.loss_after,
-                 f"update {seq} queued" if shares
+                 f"update {seq} queued" if seq is not None
+                 else budget if budget
                  else f"stopped ({run.stopped}), nothing sent" if not done else "nothing to send")
+
+    def _allowance(self, now: float) -> tuple[int | None, str | None]:
+        """The bytes the next update may take (None: unlimited) and a sentence about it."""
+        uplink = self.config.uplink
+        used = self.uplink_window.used(now)
+        queued = sum(publish_wire_bytes(item.topic, item.payload, qos=1)
+                     for item in self.store.outgoing()) if uplink.bytes_per_hour else 0
+        limit = allowance(max_update_bytes=uplink.max_update_bytes,
+                          bytes_per_hour=uplink.bytes_per_hour, used=used, queued=queued)
+        if uplink.bytes_per_hour is None:
+            return limit, None if limit is None else f"budget: {limit:,} B per update"
+        return limit, f"budget: {used + queued:,}/{uplink.bytes_per_hour:,} B this hour"
 
     # publisher
 
@@ -485,6 +527,8 @@ class Agent:
                 await self._wake_publisher.wait()
                 continue
             await link.connected.wait()
+            wire = publish_wire_bytes(item.topic, item.payload, qos=1)
+            started = time.monotonic()
             try:
                 await link.publish(item.topic, item.payload, qos=1)
             except LinkDown as exc:
@@ -495,9 +539,15 @@ class Agent:
                 log.error("broker refused update %d, dropping it: %s", item.seq, exc)
             else:
                 self.updates_sent += 1
-                self.uplink_bytes += publish_wire_bytes(item.topic, item.payload, qos=1)
+                self.uplink_bytes += wire
+                rate = wire / max(time.monotonic() - started, 1e-6)
+                self.goodput = rate if self.goodput is None else (
+                    GOODPUT_ALPHA * rate + (1 - GOODPUT_ALPHA) * self.goodput)
+            self.uplink_window.add(time.time(), wire)  # a refused PUBLISH crossed the link too
             self.store.acknowledge(item.seq)
-            self.store.put(updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes)
+            self.store.put(updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes,
+                           uplink_window=self.uplink_window.to_state(),
+                           goodput_bps=self.goodput)
 
     # reporter
 
@@ -534,6 +584,9 @@ class Agent:
             else self.last_update.get("energy_j"),
             last_update_bytes=None if self.last_update is None
             else self.last_update.get("bytes"),
+            uplink_bytes_hour=self.uplink_window.used(time.time()),
+            uplink_budget_hour=self.config.uplink.bytes_per_hour,
+            goodput_bps=None if self.goodput is None else round(self.goodput, 1),
             evaluation=evaluation, drift=None if self.drift_score is None else Drift(
                 prediction_kl=round(self.drift_score.prediction_kl, 4),
                 feature_shift=round(self.drift_score.feature_shift, 4),

@@ -154,6 +154,12 @@ class AgentStore:
         seq, topic, payload = rows[0]
         return Outgoing(int(seq), str(topic), bytes(payload))  # type: ignore[arg-type]
 
+    def outgoing(self) -> list[Outgoing]:
+        """Every queued update, oldest first."""
+        rows = self._query("SELECT seq, topic, payload FROM outbox ORDER BY seq")
+        return [Outgoing(int(seq), str(topic), bytes(payload))  # type: ignore[arg-type]
+                for seq, topic, payload in rows]
+
     def acknowledge(self, seq: int) -> None:
         with self._transaction():
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
