@@ -369,7 +369,10 @@ def test_default_root_reads_this_machine(capsys):
     assert r.memory_available_mib is not None and r.memory_available_mib > 0
     assert r.load_1m is not None
     assert r.cpu_percent is not None and r.own_cpu_percent is not None, r.sources["cpu"]
-    assert 0 < r.own_cpu_percent <= r.cpu_percent
+    # Both are whole-machine percentages from 100 Hz ticks read a moment apart, over a
+    # fraction of a second: too coarse to compare our share with the total here (the
+    # exact arithmetic is tested on fake /proc trees above).
+    assert 0 < r.own_cpu_percent <= 100 and 0 <= r.cpu_percent <= 100
     for t in r.temperatures:
         assert -50 <= t.celsius <= 200
     with capsys.disabled():
