@@ -205,6 +205,21 @@ class EncodedDeltas:
         return sum(len(p) for p in self.payloads.values())
 
 
+def _carried(residual: np.ndarray | None, delta: np.ndarray) -> np.ndarray | None:
+    """A stored residual, unless it belongs to a part of another shape (the model changed)."""
+    return residual if residual is not None and np.shape(residual) == np.shape(delta) else None
+
+
+def fold_deltas(deltas: Mapping[str, np.ndarray],
+                residuals: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    """Send nothing: each part's residual grows by its delta, as error feedback would."""
+    out = {}
+    for name, delta in deltas.items():
+        carried = _carried(residuals.get(name), delta)
+        out[name] = (delta if carried is None else carried + delta).astype(np.float32)
+    return out
+
+
 def encode_deltas(pipeline: Pipeline, deltas: Mapping[str, np.ndarray],
                   residuals: Mapping[str, np.ndarray | None] | None = None, *,
                   rng: np.random.Generator | None = None) -> EncodedDeltas:
@@ -216,10 +231,7 @@ def encode_deltas(pipeline: Pipeline, deltas: Mapping[str, np.ndarray],
     residuals = residuals or {}
     payloads, kept, measurements = {}, {}, {}
     for name, delta in sorted(deltas.items()):
-        residual = residuals.get(name)
-        if residual is not None and np.shape(residual) != np.shape(delta):
-            residual = None
-        out = pipeline.encode(delta, residual, rng=rng)
+        out = pipeline.encode(delta, _carried(residuals.get(name), delta), rng=rng)
         payloads[name], kept[name], measurements[name] = (out.payload, out.residual,
                                                           out.measurements)
     return EncodedDeltas(payloads, kept, measurements)

@@ -1,12 +1,15 @@
 """The uplink budget: an hourly byte window, the allowance and the compression level (pure).
 
 The agent counts every MQTT PUBLISH of an update (`publish_wire_bytes`) when
-it queues it. Before the next update it asks for the allowance: the smaller
-of ``max_update_bytes`` and what ``bytes_per_hour`` leaves after the bytes
-queued in the last hour and those still in the outbox. `choose_level` then
+the broker has acknowledged (or refused) it. Before the next update it asks
+for the allowance: the smaller of ``max_update_bytes`` and what
+``bytes_per_hour`` leaves after the bytes sent in the last hour and those
+still in the outbox. `choose_level` then
 tries the configured codec and ever sparser top-k levels (k halved each time,
 the value coding and byte coder kept) until one fits; None means the budget
-is spent and the delta is folded into the residual instead.
+is spent and the delta is folded into the residual instead. Each try is a
+full encode, so when the configured level does not fit the sparsest is tried
+next: a spent budget costs two encodes a round, not one per level.
 """
 
 from __future__ import annotations
@@ -64,13 +67,12 @@ def allowance(*, max_update_bytes: int | None, bytes_per_hour: int | None, used:
     return max(0, min(limits)) if limits else None
 
 
-def levels(spec: str, length: int) -> Iterator[Pipeline]:
+def levels(configured: Pipeline, length: int) -> Iterator[Pipeline]:
     """The configured pipeline, then top-k with k halved each step down to 1.
 
     `length` is the largest part's: the first sparser k is half of what the
     configured stack keeps of it (all of it when it has no top-k stage).
     """
-    configured = Pipeline.from_spec(spec)
     yield configured
     stages = list(configured.stages)
     topk = next((s for s in stages if isinstance(s, Sparsifier)), None)
@@ -81,11 +83,17 @@ def levels(spec: str, length: int) -> Iterator[Pipeline]:
         yield Pipeline([TopK(count=k), *rest])
 
 
-def choose_level(spec: str, length: int, size: Callable[[Pipeline], int],
+def choose_level(configured: Pipeline, length: int, size: Callable[[Pipeline], int],
                  limit: int | None) -> tuple[Pipeline, int] | None:
     """The first level whose update (`size` bytes) fits `limit`; None if even k = 1 does not."""
-    for pipeline in levels(spec, length):
+    first, *sparser = levels(configured, length)
+    nbytes = size(first)
+    if limit is None or nbytes <= limit:
+        return first, nbytes
+    if not sparser or size(sparser[-1]) > limit:
+        return None  # not even the sparsest fits: skip the levels in between
+    for pipeline in sparser:
         nbytes = size(pipeline)
-        if limit is None or nbytes <= limit:
+        if nbytes <= limit:
             return pipeline, nbytes
     return None

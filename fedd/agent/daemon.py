@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from fedd.agent.budget import HourlyWindow, allowance, choose_level
 from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
 from fedd.agent.drift import DriftMonitor, DriftScore
 from fedd.agent.features import model_inputs
-from fedd.agent.learner import Learner, Scores
+from fedd.agent.learner import SCALER_KEYS, Learner, Scores
 from fedd.agent.readings import ReadingsReader
 from fedd.agent.scheduler import Scheduler
 from fedd.agent.sensors import open_source
@@ -54,6 +55,7 @@ from fedd.wire import (
     Status,
     WireError,
     encode_deltas,
+    fold_deltas,
 )
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,8 @@ class Agent:
                                   min_windows=drift.min_windows)
         self.drift_score: DriftScore | None = None
         self.drift_reason: str | None = None  # set when drift asks for a round
-        self._unscored: list[np.ndarray] = []  # inputs not yet seen by the drift monitor
+        # Inputs the drift monitor has not seen yet; only the newest recent_windows matter.
+        self._unscored: deque[np.ndarray] = deque(maxlen=drift.recent_windows)
         self.started = time.monotonic()
         self.training_now = False
         self.stream_ended = False
@@ -143,9 +146,10 @@ class Agent:
         before = self.store.get("model")
         if before not in (None, self.spec.name):
             dropped = self.store.forget_windows()
-            keys = ("personal_head", "personal_body", "feature_mean", "feature_scale",
-                    "last_trained_version", "labelled_at_last_round", "sensor_cursor")
-            self.store.forget(*keys)
+            per_part = [prefix + part for part in self.spec.parts
+                        for prefix in ("personal_", RESIDUAL_PREFIX)]
+            self.store.forget(*per_part, *SCALER_KEYS, "last_trained_version",
+                              "labelled_at_last_round", "sensor_cursor")
             log.warning("model changed from %s to %s: dropped %d stored windows and the "
                         "personal state made for it", before, self.spec.name, dropped)
         self.store.put(model=self.spec.name)
@@ -196,6 +200,7 @@ class Agent:
                 self.config.drift.recent_windows, self.config.drift.min_windows):
             self.drift = DriftMonitor(self.spec.num_classes, recent=config.drift.recent_windows,
                                       min_windows=config.drift.min_windows)
+            self._unscored = deque(self._unscored, maxlen=config.drift.recent_windows)
             self.drift_score = None  # a fresh reference comes with the next round
         if config.training.strategy != self.config.training.strategy:
             log.warning("reload: training.strategy needs a restart; keeping %s",
@@ -274,7 +279,7 @@ class Agent:
             inputs = self.inputs(windows, rate)
             self.store.add_windows(inputs, labels, state={"sensor_cursor": cursor})
             if self.config.drift.enabled:
-                self._unscored = [*self._unscored, inputs][-self.config.drift.recent_windows:]
+                self._unscored.extend(inputs)
             since_retention += len(windows)
             if since_retention >= RETENTION_EVERY:
                 self.store.enforce_retention(max_windows=self.config.store.max_windows,
@@ -351,7 +356,8 @@ class Agent:
             await asyncio.sleep(self.config.drift.check_interval_s)
             if not self.config.drift.enabled or not self._unscored:
                 continue
-            inputs, self._unscored = np.concatenate(self._unscored), []
+            inputs = np.stack(self._unscored)
+            self._unscored.clear()
             score = await self._in_worker(self._score_drift, inputs)
             if score is None:
                 continue
@@ -453,14 +459,11 @@ class Agent:
                 return publish_wire_bytes(topic, data, qos=1)
 
             limit, budget = self._allowance(time.time())
-            chosen = choose_level(self.uplink.spec, max(self.spec.parts.values()), size, limit)
+            chosen = choose_level(self.uplink, max(self.spec.parts.values()), size, limit)
             if chosen is None:
                 # Budget spent: send nothing; residual += delta is exactly "send nothing".
-                residuals = {RESIDUAL_PREFIX + name: (delta if carried.get(name) is None
-                                                      or carried[name].shape != delta.shape
-                                                      else carried[name] + delta
-                                                      ).astype(np.float32)
-                             for name, delta in result.delta.items()}
+                residuals = {RESIDUAL_PREFIX + name: residual for name, residual
+                             in fold_deltas(result.delta, carried).items()}
                 budget += "; delta folded into the residual"
                 seq, codec = None, None
             else:

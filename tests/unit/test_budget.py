@@ -5,6 +5,7 @@ import pytest
 
 from fedd.agent.budget import HourlyWindow, allowance, choose_level, levels
 from fedd.config import ConfigError, load_agent_config
+from fedd.pipeline import Pipeline
 
 
 def test_window_counts_the_last_hour_only():
@@ -35,14 +36,17 @@ def test_allowance_is_the_tighter_limit_never_negative():
 
 
 def test_levels_halve_k_and_keep_the_value_coding():
-    specs = [p.spec for p in levels("topk:0.5+q:4+zstd", 16)]
+    specs = [p.spec for p in levels(Pipeline.from_spec("topk:0.5+q:4+zstd"), 16)]
     assert specs == ["topk:0.5+q:4:256+zstd:3", "topk:4+q:4:256+zstd:3",
                      "topk:2+q:4:256+zstd:3", "topk:1+q:4:256+zstd:3"]
 
 
 def test_levels_put_a_topk_in_front_of_a_dense_codec():
-    specs = [p.spec for p in levels("f16", 8)]
+    specs = [p.spec for p in levels(Pipeline.from_spec("f16"), 8)]
     assert specs == ["f16", "topk:4+f16", "topk:2+f16", "topk:1+f16"]
+
+
+FLOAT32 = Pipeline.from_spec("float32")
 
 
 def test_choose_level_takes_the_first_that_fits():
@@ -51,13 +55,25 @@ def test_choose_level_takes_the_first_that_fits():
     def size(pipeline):
         return len(pipeline.encode(delta, None).payload)
 
-    unlimited = choose_level("float32", delta.size, size, None)
+    unlimited = choose_level(FLOAT32, delta.size, size, None)
     assert unlimited is not None and unlimited[0].spec == "float32"
-    chosen = choose_level("float32", delta.size, size, 200)
+    chosen = choose_level(FLOAT32, delta.size, size, 200)
     assert chosen is not None
     pipeline, nbytes = chosen
     assert nbytes <= 200 and pipeline.sparse
-    assert choose_level("float32", delta.size, size, 5) is None  # even k = 1 does not fit
+    assert choose_level(FLOAT32, delta.size, size, 5) is None  # even k = 1 does not fit
+
+
+def test_a_spent_budget_costs_two_encodes_not_one_per_level():
+    delta = np.linspace(-1, 1, 1000).astype(np.float32)
+    tried = []
+
+    def size(pipeline):
+        tried.append(pipeline.spec)
+        return len(pipeline.encode(delta, None).payload)
+
+    assert choose_level(FLOAT32, delta.size, size, 5) is None
+    assert tried == ["float32", "topk:1+float32"]
 
 
 def test_config_takes_null_or_at_least_64_bytes(tmp_path):

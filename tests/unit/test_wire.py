@@ -562,3 +562,13 @@ CBOR_VALUES = (CBOR_LEAVES | st.lists(CBOR_LEAVES, max_size=3)
 def test_fuzz_field_values(changes: dict[str, Any]) -> None:
     """One or two fields of a valid update replaced by arbitrary CBOR values."""
     decodes_or_refuses(cbor2.dumps(raw_update(**changes)), max_bytes=MAX)
+
+
+def test_fold_deltas_grows_matching_residuals_and_restarts_mismatched_ones() -> None:
+    from fedd.wire import fold_deltas
+
+    delta = {"body": np.ones(4, np.float32), "head": np.full(2, 2.0, np.float32)}
+    folded = fold_deltas(delta, {"body": np.full(4, 0.5, np.float32),
+                                 "head": np.zeros(3, np.float32)})  # head: another model's
+    np.testing.assert_array_equal(folded["body"], np.full(4, 1.5, np.float32))
+    np.testing.assert_array_equal(folded["head"], delta["head"])
