@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY, stored_at REAL NOT NULL, label INTEGER NOT NULL,
     features BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS windows_stored_at ON windows (stored_at);
+-- The trainer counts labelled windows whenever new ones arrive: without this the
+-- count reads every feature blob.
+CREATE INDEX IF NOT EXISTS windows_label ON windows (label);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY, created REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
