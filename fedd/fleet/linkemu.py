@@ -640,7 +640,7 @@ class DelayProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, timeout_s: float = 10.0) -> DelayProxy:
         """Listen (in a background thread with its own event loop); returns self."""
@@ -692,7 +692,7 @@ class DelayProxy:
                      client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self.connections += 1
         server_w: asyncio.StreamWriter | None = None
         try:
@@ -707,7 +707,7 @@ class DelayProxy:
             for writer in (client_w, server_w):
                 if writer is not None:
                     writer.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
