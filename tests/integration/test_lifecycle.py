@@ -18,6 +18,7 @@ import yaml
 
 import fedd
 from fedd.config import EXIT_CONFIG_INVALID, EXIT_CONFIG_MISSING
+from tests.conftest import agent_settings, hub_settings, write_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -384,3 +385,25 @@ def test_switching_the_model_keeps_the_state_dir_usable(broker, fedd, tmp_path, 
              watch=[agent])
     assert agent.terminate() == 0
     assert "model changed from har-mlp to har-cnn: dropped" in agent.log()
+
+
+@pytest.mark.parametrize("program", ["agent", "hub"])
+def test_unreadable_tls_files_are_a_config_error_not_a_crash(fedd_cli, manifest_path,
+                                                             broker_free_settings, tmp_path,
+                                                             program):
+    """The default transport is TLS: a device without its certificate must say so."""
+    tls = {"ca_file": str(tmp_path / "ca.crt"), "cert_file": str(tmp_path / "no.crt"),
+           "key_file": str(tmp_path / "no.key")}
+    where = broker_free_settings["broker"]
+    if program == "agent":
+        settings = agent_settings(broker=where, device_id="tls-less", manifest=manifest_path,
+                                  state_dir=tmp_path / "state")
+    else:
+        settings = hub_settings(broker=where, state_dir=tmp_path / "hub-state",
+                                manifest=manifest_path)
+    settings["broker"] = {"host": where.host, "port": where.port, "tls": tls}
+    path = write_yaml(tmp_path / f"{program}.yaml", settings)
+    result = fedd_cli(program, "-c", str(path))
+    assert result.returncode == 78, result.stderr
+    assert f"{path}: broker.tls: cannot load the TLS files" in result.stderr
+    assert "Traceback" not in result.stderr
