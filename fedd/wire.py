@@ -406,6 +406,8 @@ class Heartbeat:
     on_battery: bool | None = None
     cpu_s_hour: float = 0.0  # training CPU-seconds in the last hour (scheduler budget)
     runs_24h: int = 0  # training runs in the last 24 h (scheduler budget)
+    software: str = ""  # the agent's fedd version
+    model: str = ""  # the model it runs (manifest name)
     format: int = HEARTBEAT_FORMAT
 
     def encode(self) -> bytes:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from fedd import topics
+from fedd import __version__, topics
 from fedd.agent.budget import HourlyWindow, allowance, choose_level
 from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
 from fedd.agent.drift import DriftMonitor, DriftScore
@@ -678,7 +678,8 @@ class Agent:
             cpu_percent=None if readings.cpu_percent is None else round(readings.cpu_percent, 1),
             temperature_c=None if hottest is None else round(hottest.celsius, 1),
             battery_percent=readings.battery_percent, on_battery=readings.on_battery,
-            cpu_s_hour=budget["cpu_s_hour"], runs_24h=budget["runs_24h"])
+            cpu_s_hour=budget["cpu_s_hour"], runs_24h=budget["runs_24h"],
+            software=__version__, model=self.spec.name)
 
     async def _heartbeat(self) -> None:
         """Publish a heartbeat (QoS 0: the next one supersedes it) and the status."""
@@ -703,6 +704,7 @@ class Agent:
     def _write_status(self, beat: Heartbeat | None = None) -> None:
         beat = beat or self.heartbeat()
         status = {**json.loads(beat.encode()), "last_update": self.last_update,
+                  "last_ack": self.last_ack, "rejected_updates": self.rejected_updates,
                   "pid": os.getpid()}
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status, indent=1))
