@@ -114,7 +114,7 @@ class AlreadyExists(PkiError, FileExistsError):
     """A key or certificate is already there; replacing it needs force."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(f"{path} already exists (pass force to replace it)")
+        super().__init__(f"{path} already exists (only force replaces it)")
         self.path = path
 
 
