@@ -288,9 +288,14 @@ def server_certificate(ca: CertificateAuthority, hosts: Sequence[str], *,
 def client_certificate(ca: CertificateAuthority, identity: str, *, days: int = LEAF_DAYS,
                        now: dt.datetime | None = None,
                        ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A device's or the hub's certificate: its CN becomes the MQTT username."""
-    return _leaf(ca, check_identity(identity), ExtendedKeyUsageOID.CLIENT_AUTH,
-                 days=days, now=now)
+    """A device's or the hub's certificate: its CN becomes the MQTT username.
+
+    The identity is also in the SAN (`urn:fedd:client:<identity>`): Mosquitto
+    reads the CN, but RFC 5280-minded verifiers (and other brokers) look there.
+    """
+    san = x509.SubjectAlternativeName(
+        [x509.UniformResourceIdentifier(f"urn:fedd:client:{check_identity(identity)}")])
+    return _leaf(ca, identity, ExtendedKeyUsageOID.CLIENT_AUTH, days=days, now=now, san=san)
 
 
 # ---------------------------------------------------------------- files
@@ -306,8 +311,10 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _make_dir(folder: Path) -> None:
-    """Create missing folders private (0700); existing ones keep their mode."""
-    folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    """Create missing folders private (0700), parents too; existing ones keep their mode."""
+    for missing in reversed([folder, *folder.parents]):
+        if not missing.exists():
+            missing.mkdir(mode=DIR_MODE, exist_ok=True)
 
 
 def _write(path: Path, data: bytes, mode: int, *, force: bool) -> Path:
