@@ -31,12 +31,15 @@ __all__ = [
     "ConfigError",
     "HeartbeatConfig",
     "HubConfig",
+    "LedgerConfig",
     "LimitsConfig",
     "ModelConfig",
+    "ReconnectConfig",
     "ReplayConfig",
     "SchedulerConfig",
     "SensorConfig",
     "StoreConfig",
+    "TlsConfig",
     "TrainingConfig",
     "WindowConfig",
     "detect_role",
@@ -97,12 +100,39 @@ IDENTIFIER = {
 
 
 @dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """Mutual TLS: the fleet CA, and this program's certificate and key (scripts/provision)."""
+
+    ca_file: str = "/etc/fedd/tls/ca.crt"
+    cert_file: str = "/etc/fedd/tls/client.crt"
+    key_file: str = "/etc/fedd/tls/client.key"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconnectConfig:
+    """Exponential backoff with full jitter, so a fleet that lost its broker spreads out."""
+
+    initial_s: float = setting(1.0, gt=0, max=3600)
+    max_s: float = setting(120.0, gt=0, max=86400)
+    stable_s: float = setting(60.0, min=0, max=86400)
+
+    def __post_init__(self) -> None:
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s ({self.max_s}) must be >= initial_s ({self.initial_s})")
+
+
+@dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
     """The MQTT broker both programs connect to."""
 
     host: str = "127.0.0.1"
-    port: int = setting(1883, min=1, max=65535)
+    port: int = setting(8883, min=1, max=65535)
+    transport: Literal["tls", "tcp"] = "tls"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    client_id: str | None = setting(None, **IDENTIFIER)
     keepalive_s: int = setting(30, min=5, max=3600)
+    session_expiry_s: int = setting(86400, min=0, max=0xFFFFFFFE)
+    reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,6 +318,11 @@ class HeartbeatConfig:
     """How often a device reports its health to the hub."""
 
     interval_s: float = setting(60.0, min=0.1)
+    # Each interval is drawn from interval_s x (1 +- jitter): a fleet started together
+    # does not report in lockstep.
+    jitter: float = setting(0.1, min=0, max=0.5)
+    # A node_exporter textfile-collector file (*.prom) the agent rewrites each beat.
+    prometheus_textfile: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,6 +333,12 @@ class UplinkConfig:
     # Whole MQTT PUBLISHes of updates (fedd.link.publish_wire_bytes); None = unlimited.
     bytes_per_hour: int | None = setting(None, min=64)
     max_update_bytes: int | None = setting(None, min=64)
+    # An update stays in the outbox until the hub acknowledges it on ack/<device>;
+    # without an acknowledgement within ack_timeout_s it is sent again.
+    ack_timeout_s: float = setting(60.0, min=1, max=86400)
+    # Outbox bounds; when either is reached, new deltas fold into the residual.
+    outbox_max_updates: int = setting(16, min=1, max=100000)
+    outbox_max_bytes: int = setting(1048576, min=1024)
 
     def __post_init__(self) -> None:
         Pipeline.from_spec(self.codec)  # a SpecError is the pipeline's own sentence
@@ -350,6 +391,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LedgerConfig:
+    """The hub's durable record of every update it folded in or rejected (exactly once)."""
+
+    # Records older than this are pruned; a device's later resend of a pruned seq
+    # is still recognized as a duplicate by its high-water mark.
+    retention_days: float = setting(30.0, gt=0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class HubConfig:
     """The hub's ``hub.yaml``."""
 
@@ -361,6 +411,7 @@ class HubConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
 
 
 # ---------------------------------------------------------------- loading

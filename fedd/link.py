@@ -2,9 +2,10 @@
 
 A small async surface over paho-mqtt 2 (MQTT v5): `async with Link(...)`,
 `await publish(...)` that returns once the broker acknowledged (QoS 1), and
-`async for message in link.messages()` over a bounded queue. paho runs its
-network loop in its own thread; its callbacks cross into asyncio only with
-`loop.call_soon_threadsafe`. paho keeps unacknowledged messages in memory
+`async for message in link.messages()` over a bounded queue. A thread of
+ours runs paho's network loop and owns the reconnection policy (full-jitter
+backoff, reset once a connection has held); paho's callbacks cross into
+asyncio only with `loop.call_soon_threadsafe`. paho keeps unacknowledged messages in memory
 only, so a publish while the link is down fails at once with `LinkDown`
 and durability stays with the caller's outbox. Timeouts use
 `asyncio.timeout`, never `asyncio.wait_for`: on Python 3.11 the latter can
@@ -17,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -25,15 +28,25 @@ from types import TracebackType
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from fedd.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 
 EARLY_REPORT_TTL_S = 30.0
+NETWORK_TICK_S = 0.5  # how long one network-loop pass may block (bounds close latency)
+CLOSE_TIMEOUT_S = 5.0
 
 
 class LinkError(Exception):
     """Base of the link's errors."""
+
+
+class TlsSetupError(LinkError):
+    """The configured CA, certificate or key cannot be loaded: a configuration error."""
 
 
 class LinkDown(LinkError):
@@ -76,17 +89,87 @@ def publish_wire_bytes(topic: str, payload: bytes, qos: int) -> int:
     return 1 + length_bytes + remaining
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """Mutual TLS: the CA that signed the broker, and our own certificate and key."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+class Backoff:
+    """Exponential backoff with full jitter (AWS Architecture Blog, 2015).
+
+    Each delay is drawn uniformly from [0, min(max_s, initial_s * 2^attempt)]:
+    a fleet whose broker came back reconnects spread over the whole window
+    instead of in synchronized waves. `reset()` after a connection has held
+    for a while starts the next outage from short delays again.
+    """
+
+    def __init__(self, initial_s: float, max_s: float,
+                 rng: random.Random | None = None) -> None:
+        self.initial_s, self.max_s = initial_s, max_s
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def ceiling(self) -> float:
+        return min(self.max_s, self.initial_s * 2.0 ** min(self.attempt, 64))
+
+    def next_delay(self) -> float:
+        delay = self._rng.uniform(0.0, self.ceiling())
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class LinkStats:
+    """Counters an operator reads in the heartbeat."""
+
+    connects: int = 0  # successful CONNACKs, the first one included
+    failed_attempts: int = 0  # connection attempts refused or unreachable
+    last_connected: float | None = None  # wall time of the latest CONNACK
+    last_disconnected: float | None = None
+
+    @property
+    def reconnects(self) -> int:
+        return max(self.connects - 1, 0)
+
+
 class Link:
-    """One MQTT v5 connection with automatic reconnection (1 s … 60 s)."""
+    """One MQTT v5 connection with its own network thread and reconnection policy.
+
+    The thread connects (TCP or mutual TLS), runs paho's network loop until
+    the connection drops, then waits a full-jitter backoff delay and tries
+    again, until the link is closed. `session_expiry_s` > 0 asks the broker
+    to keep our session (subscriptions and undelivered QoS 1 messages, e.g.
+    the hub's acknowledgements) while we are away, so `client_id` must be
+    stable across restarts.
+    """
 
     def __init__(self, *, host: str, port: int, client_id: str, keepalive_s: int = 30,
                  subscriptions: Iterable[tuple[str, int]] = (), will: Will | None = None,
-                 queue_size: int = 1000) -> None:
+                 queue_size: int = 1000, tls: TlsFiles | None = None,
+                 session_expiry_s: int = 0, backoff: Backoff | None = None,
+                 stable_s: float = 60.0) -> None:
         self._host, self._port, self._keepalive = host, port, keepalive_s
         self._subscriptions = list(subscriptions)
+        self._session_expiry_s = session_expiry_s
+        self._backoff = backoff or Backoff(1.0, 60.0)
+        self._stable_s = stable_s
         self._client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                    client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=60)
+        if tls is not None:
+            try:
+                self._client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file,
+                                     keyfile=tls.key_file, cert_reqs=ssl.CERT_REQUIRED,
+                                     tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError) as exc:
+                raise TlsSetupError(f"cannot load the TLS files ({tls.ca_file}, "
+                                    f"{tls.cert_file}, {tls.key_file}): {exc}") from None
         if will:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client.on_connect = self._on_connect
@@ -98,22 +181,73 @@ class Link:
         self._pending: dict[int, asyncio.Future[None] | None] = {}  # None: QoS 0
         self._early: dict[int, tuple[ReasonCode, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connected_at: float | None = None  # monotonic time of the latest CONNACK
         self.connected = asyncio.Event()
         self.connections = 0  # bumps on every (re)connect, to re-announce retained state
         self.dropped_messages = 0
+        self.stats = LinkStats()
+
+    @classmethod
+    def from_config(cls, broker: BrokerConfig, default_client_id: str, *,
+                    subscriptions: Iterable[tuple[str, int]] = (),
+                    will: Will | None = None) -> Link:
+        """A link as the `broker` section says: TLS or (explicitly) plain TCP, session, backoff."""
+        tls = None if broker.transport == "tcp" else TlsFiles(
+            broker.tls.ca_file, broker.tls.cert_file, broker.tls.key_file)
+        return cls(host=broker.host, port=broker.port,
+                   client_id=broker.client_id or default_client_id,
+                   keepalive_s=broker.keepalive_s, subscriptions=subscriptions, will=will,
+                   tls=tls, session_expiry_s=broker.session_expiry_s,
+                   backoff=Backoff(broker.reconnect.initial_s, broker.reconnect.max_s),
+                   stable_s=broker.reconnect.stable_s)
 
     async def __aenter__(self) -> Link:
         self._loop = asyncio.get_running_loop()
-        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
-        self._client.loop_start()
+        self._thread = threading.Thread(target=self._network, name="mqtt", daemon=True)
+        self._thread.start()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self.connected.is_set():
-            self._client.disconnect()
-        self._client.loop_stop()
+        self._closing.set()
+        self._client.disconnect()  # the network thread sends it and leaves its loop
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, CLOSE_TIMEOUT_S)
         self._fail_pending(LinkDown("link closed"))
+
+    # the network thread
+
+    def _network(self) -> None:
+        """Connect, run the network loop, back off, again; until the link closes."""
+        properties = None
+        if self._session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self._session_expiry_s
+        while not self._closing.is_set():
+            try:
+                self._client.connect(self._host, self._port, keepalive=self._keepalive,
+                                     clean_start=not self._session_expiry_s,
+                                     properties=properties)
+            except (OSError, ValueError) as exc:  # refused, unreachable, TLS handshake
+                self.stats.failed_attempts += 1
+                log.info("cannot reach %s:%d: %s", self._host, self._port, exc)
+            else:
+                while not self._closing.is_set():
+                    if self._client.loop(timeout=NETWORK_TICK_S) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                if self._closing.is_set():
+                    self._client.disconnect()  # again: close may have come mid-connect
+                    self._client.loop(timeout=NETWORK_TICK_S)
+                    return
+                held = self._connected_at
+                if held is not None and time.monotonic() - held >= self._stable_s:
+                    self._backoff.reset()
+                self._connected_at = None
+            delay = self._backoff.next_delay()
+            log.debug("reconnecting to %s:%d in %.1f s", self._host, self._port, delay)
+            self._closing.wait(delay)
 
     async def wait_connected(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
@@ -176,16 +310,22 @@ class Link:
     def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
                     reason: ReasonCode, _props: object) -> None:
         if reason.is_failure:
+            self.stats.failed_attempts += 1
             log.warning("broker %s:%d refused the connection: %s", self._host, self._port, reason)
             return
         if self._subscriptions:
             client.subscribe(self._subscriptions)
-        log.info("connected to %s:%d", self._host, self._port)
+        self._connected_at = time.monotonic()
+        self.stats.connects += 1
+        self.stats.last_connected = time.time()
+        log.info("connected to %s:%d (session %s)", self._host, self._port,
+                 "resumed" if getattr(_flags, "session_present", False) else "new")
         self._call(self._set_connected)
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object,
                        reason: ReasonCode, _props: object) -> None:
         log.info("disconnected from %s:%d: %s", self._host, self._port, reason)
+        self.stats.last_disconnected = time.time()
         self._call(self.connected.clear)
         self._call(self._fail_pending, LinkDown(f"disconnected: {reason}"))
 

@@ -15,6 +15,11 @@ def update_shared(fleet: str, group: str) -> str:
     return f"$share/{group}/{ROOT}/{fleet}/update/+"
 
 
+def ack(fleet: str, device: str) -> str:
+    """Hub → device: the end-to-end acknowledgement of one update (JSON, QoS 1)."""
+    return f"{ROOT}/{fleet}/ack/{device}"
+
+
 def model_current(fleet: str) -> str:
     """Hub → devices: the current global model (CBOR, retained, QoS 1)."""
     return f"{ROOT}/{fleet}/model/current"

@@ -32,6 +32,7 @@ TRIGGERS = (TRIGGER_VERSION, TRIGGER_DRIFT)
 MAX_PARTS = 16
 MAX_PART_VALUES = 64 * 1024 * 1024
 MAX_JSON_BYTES = 16 * 1024
+HEARTBEAT_FORMAT = 2  # 1 was the unversioned heartbeat before acknowledgements
 MAX_CODEC_CHARS = 64
 # The largest payload of any stack for the largest part: a bound on one part's bytes.
 MAX_PART_PAYLOAD = largest_payload(MAX_PART_VALUES)
@@ -391,6 +392,21 @@ class Heartbeat:
     goodput_bps: float | None = None  # bytes/s, publish → PUBACK (EWMA); None: none yet
     evaluation: Evaluation | None = None
     drift: Drift | None = None
+    outbox_bytes: int = 0  # encoded bytes of the updates in the outbox
+    acked: int = 0  # updates the hub acknowledged as accepted, all-time
+    rejected: int = 0  # updates the hub acknowledged as rejected, all-time
+    last_ack_seq: int | None = None
+    last_ack_time: float | None = None
+    connected: bool = False
+    reconnects: int = 0  # connections after the first, since the agent started
+    connect_failures: int = 0  # attempts refused or unreachable, since the agent started
+    cpu_percent: float | None = None  # whole system, % of all cores
+    temperature_c: float | None = None  # the hottest sensor
+    battery_percent: float | None = None
+    on_battery: bool | None = None
+    cpu_s_hour: float = 0.0  # training CPU-seconds in the last hour (scheduler budget)
+    runs_24h: int = 0  # training runs in the last 24 h (scheduler budget)
+    format: int = HEARTBEAT_FORMAT
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -403,11 +419,14 @@ class Heartbeat:
             obj = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise WireError("not-json", str(exc) or type(exc).__name__) from None
+        if isinstance(obj, dict) and obj.get("format") != HEARTBEAT_FORMAT:
+            raise WireError("unknown-format", f"heartbeat format {obj.get('format')!r}")
         return _from_json(cls, obj, "heartbeat")
 
 
 _JSON_KINDS: dict[str, tuple[type, ...]] = {
-    "str": (str,), "float": (int, float), "int": (int,),
+    "str": (str,), "float": (int, float), "int": (int,), "bool": (bool,),
+    "bool | None": (bool, type(None)),
     "int | None": (int, type(None)), "float | None": (int, float, type(None)),
     "Evaluation | None": (dict, type(None)),
     "Drift | None": (dict, type(None)),
@@ -423,7 +442,7 @@ def _from_json(cls: type, obj: Any, what: str) -> Any:
     for f in fields(cls):
         value = obj[f.name]
         kinds = _JSON_KINDS[str(f.type)]
-        if isinstance(value, bool) or not isinstance(value, kinds):
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             raise WireError("bad-field", f"{what}.{f.name} is {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
             raise WireError("bad-field", f"{what}.{f.name} is not finite")
@@ -431,6 +450,54 @@ def _from_json(cls: type, obj: Any, what: str) -> Any:
             value = _from_json(_NESTED[f.name], value, f"{what}.{f.name}")
         values[f.name] = value
     return cls(**values)
+
+
+ACK_ACCEPTED = "accepted"  # durably recorded and folded into the hub's buffer
+ACK_REJECTED = "rejected"  # durably recorded as refused, with a reason; never retried
+ACK_OUTCOMES = (ACK_ACCEPTED, ACK_REJECTED)
+REASON = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Hub → device: what became of update `seq`; the agent drops it from its outbox.
+
+    `duplicate` says the hub had already recorded this seq (a resend after a
+    lost acknowledgement); the outcome is then the recorded one, and nothing
+    was folded twice. `version` is the hub's current global version.
+    """
+
+    device: str
+    seq: int
+    outcome: str
+    reason: str | None
+    duplicate: bool
+    version: int
+    time: float
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Ack:
+        if len(payload) > MAX_JSON_BYTES:
+            raise WireError("too-large", f"ack of {len(payload)} bytes")
+        try:
+            obj = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise WireError("not-json", str(exc) or type(exc).__name__) from None
+        obj = _exact_keys(obj, {f.name for f in fields(cls)}, "ack")
+        if not isinstance(obj["duplicate"], bool):
+            raise WireError("bad-field", "ack.duplicate is not a boolean")
+        if obj["outcome"] not in ACK_OUTCOMES:
+            raise WireError("bad-field", f"ack.outcome {obj['outcome']!r} not in {ACK_OUTCOMES}")
+        reason = obj["reason"]
+        well_formed = reason is None or (isinstance(reason, str) and REASON.fullmatch(reason))
+        if not well_formed or (reason is None) != (obj["outcome"] == ACK_ACCEPTED):
+            raise WireError("bad-field", f"ack.reason {reason!r} does not fit its outcome")
+        return cls(device=_identifier(obj, "device"), seq=_count(obj, "seq"),
+                   outcome=obj["outcome"], reason=reason, duplicate=obj["duplicate"],
+                   version=_count(obj, "version"), time=_finite(obj, "time"))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -143,7 +144,8 @@ def agent_settings(*, broker: Mosquitto, device_id: str, state_dir: Path, manife
     base: dict[str, Any] = {
         "device_id": device_id, "fleet": fleet, "log_level": "info",
         "state_dir": str(state_dir),
-        "broker": {"host": broker.host, "port": broker.port, "keepalive_s": 5},
+        "broker": {"host": broker.host, "port": broker.port, "keepalive_s": 5,
+                   "transport": "tcp", "reconnect": {"initial_s": 0.2, "max_s": 2.0}},
         "model": {"manifest": str(manifest), "name": "har-mlp"},
         "sensor": {"kind": "replay", "rate_hz": 50.0,
                    "replay": {"dataset": "hapt", "person": person, "speed": 100.0}},
@@ -162,7 +164,8 @@ def hub_settings(*, broker: Mosquitto, state_dir: Path, manifest: Path, fleet: s
     """A hub config that makes a version from every update (K = 1) unless overridden."""
     base: dict[str, Any] = {
         "fleet": fleet, "log_level": "info", "state_dir": str(state_dir),
-        "broker": {"host": broker.host, "port": broker.port, "keepalive_s": 5},
+        "broker": {"host": broker.host, "port": broker.port, "keepalive_s": 5,
+                   "transport": "tcp", "reconnect": {"initial_s": 0.2, "max_s": 2.0}},
         "model": {"manifest": str(manifest), "name": "har-mlp"},
         "aggregation": {"buffer_size": 1, "quorum": 1, "max_wait_s": 1.0,
                         "max_staleness": 1000, "staleness_exponent": 0.5},
@@ -406,6 +409,44 @@ class MqttProbe:
             return None
 
         return asyncio.run(main())
+
+    @contextlib.contextmanager
+    def listening(self, topics: Iterable[str]) -> Iterator[Callable[[int, float],
+                                                                   list[Message]]]:
+        """Subscribe in a background thread while the block runs; `heard(n, timeout)`
+        returns the first n messages (or fails the test after timeout)."""
+        heard: queue.Queue[Message] = queue.Queue()
+        subscribed, stop = threading.Event(), threading.Event()
+
+        async def main() -> None:
+            async with self._link([(topic, 1) for topic in topics]) as link:
+                await link.wait_connected(START_TIMEOUT_S)
+                await asyncio.sleep(0.2)  # let the SUBSCRIBE sent on connect reach the broker
+                subscribed.set()
+                while not stop.is_set():
+                    message = await link.next_message(timeout=0.1)
+                    if message is not None:
+                        heard.put(message)
+
+        thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        thread.start()
+        if not subscribed.wait(START_TIMEOUT_S):
+            pytest.fail("the listening probe did not connect")
+
+        def first(count: int, timeout: float) -> list[Message]:
+            deadline, got = time.monotonic() + timeout, []
+            while len(got) < count:
+                try:
+                    got.append(heard.get(timeout=max(deadline - time.monotonic(), 0.01)))
+                except queue.Empty:
+                    pytest.fail(f"heard {len(got)} of {count} messages in {timeout:.0f} s")
+            return got
+
+        try:
+            yield first
+        finally:
+            stop.set()
+            thread.join(START_TIMEOUT_S)
 
     def publish(self, *messages: tuple[str, bytes], retain: bool = False,
                 timeout: float = 10.0) -> None:

@@ -4,9 +4,10 @@ Five tasks share one event loop: the sampler turns sensor chunks into
 featurized windows in the store; the listener applies each new global
 version (keeping the personal head) and scores it; the trainer decides when
 a local round runs and queues its update in the durable outbox; the
-publisher drains the outbox, deleting an update only after the broker's
-acknowledgement; the reporter publishes heartbeats and writes the status
-file that `fedd status` reads. Model work runs in a worker thread, one job
+publisher drains the outbox, deleting an update only after the hub's
+acknowledgement on ack/<device> (resending it when none comes); the
+reporter publishes heartbeats and writes the status file that `fedd status`
+reads. Model work runs in a worker thread, one job
 at a time, so the loop (and the systemd watchdog) stays responsive.
 """
 
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 import zlib
 from collections import deque
@@ -45,8 +47,11 @@ from fedd.model import ModelError, ModelSpec, TrainableModel
 from fedd.pipeline import Pipeline
 from fedd.service import Notifier
 from fedd.wire import (
+    ACK_ACCEPTED,
+    ACK_REJECTED,
     TRIGGER_DRIFT,
     TRIGGER_VERSION,
+    Ack,
     Drift,
     Evaluation,
     GlobalModel,
@@ -61,7 +66,6 @@ from fedd.wire import (
 log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 64 * 1024 * 1024
-MAX_OUTBOX = 16
 RETENTION_EVERY = 64
 REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
@@ -130,6 +134,12 @@ class Agent:
         # link's goodput (bytes/s from publish to PUBACK, an EWMA): both survive restarts.
         self.uplink_window = HourlyWindow.from_state(self.store.get("uplink_window"))
         self.goodput: float | None = self.store.get("goodput_bps")
+        # Outcomes the hub acknowledged: accepted, and rejected per reason (all-time).
+        self.acked = int(self.store.get("acked", 0))
+        self.rejected_updates: dict[str, int] = self.store.get("rejected_updates", {})
+        self.last_ack: dict[str, object] | None = self.store.get("last_ack")
+        self._ack_arrived = asyncio.Event()
+        self._jitter = random.Random()  # heartbeat spacing; unlike the learner's, not seeded
         self.last_trained_version: int | None = self.store.get("last_trained_version")
         self.labelled_at_last_round = int(self.store.get("labelled_at_last_round", 0))
         self.last_round_at = 0.0
@@ -221,10 +231,10 @@ class Agent:
         cfg = self.config
         status_topic = topics.status(cfg.fleet, cfg.device_id)
         offline = Status(cfg.device_id, "offline", time.time()).encode()
-        self._link = Link(host=cfg.broker.host, port=cfg.broker.port,
-                          keepalive_s=cfg.broker.keepalive_s, client_id=f"fedd-{cfg.device_id}",
-                          subscriptions=[(topics.model_current(cfg.fleet), 1)],
-                          will=Will(status_topic, offline))
+        self._link = Link.from_config(
+            cfg.broker, f"fedd-{cfg.device_id}", will=Will(status_topic, offline),
+            subscriptions=[(topics.model_current(cfg.fleet), 1),
+                           (topics.ack(cfg.fleet, cfg.device_id), 1)])
         async with self._link as link:
             self.notifier.ready()
             log.info("agent %s up: model %s, %d windows stored, %d updates queued",
@@ -293,7 +303,11 @@ class Agent:
 
     async def _listen(self) -> None:
         assert self._link is not None
+        ack_topic = topics.ack(self.config.fleet, self.config.device_id)
         async for message in self._link.messages():
+            if message.topic == ack_topic:
+                self._on_ack(message.payload)
+                continue
             try:
                 model = GlobalModel.decode(message.payload, max_bytes=MAX_MODEL_BYTES)
             except WireError as exc:
@@ -389,9 +403,6 @@ class Agent:
                     return f"up to date: trained on all {labelled} labelled windows", 60.0
             elif self.last_trained_version == self.learner.version:
                 return f"up to date: trained on version {self.learner.version}", 60.0
-        backlog = self.store.outbox_size()
-        if backlog >= MAX_OUTBOX:
-            return f"deferred: {backlog} updates await the broker", 5.0
         cooldown = self.last_round_at + training.min_interval_s - time.monotonic()
         if cooldown > 0:
             return f"cooling down: {cooldown:.0f} s until the next round", cooldown
@@ -459,12 +470,15 @@ class Agent:
                 return publish_wire_bytes(topic, data, qos=1)
 
             limit, budget = self._allowance(time.time())
-            chosen = choose_level(self.uplink, max(self.spec.parts.values()), size, limit)
+            full = self._outbox_full()
+            chosen = None if full else choose_level(self.uplink, max(self.spec.parts.values()),
+                                                    size, limit)
             if chosen is None:
-                # Budget spent: send nothing; residual += delta is exactly "send nothing".
+                # Outbox full or budget spent: send nothing; residual += delta is exactly
+                # "send nothing", and the next update that goes out carries it.
                 residuals = {RESIDUAL_PREFIX + name: residual for name, residual
                              in fold_deltas(result.delta, carried).items()}
-                budget += "; delta folded into the residual"
+                budget = f"{full or budget}; delta folded into the residual"
                 seq, codec = None, None
             else:
                 codec = chosen[0].spec
@@ -506,6 +520,15 @@ class Agent:
                  else budget if budget
                  else f"stopped ({run.stopped}), nothing sent" if not done else "nothing to send")
 
+    def _outbox_full(self) -> str | None:
+        """Why the outbox takes no more updates, or None while it has room."""
+        uplink = self.config.uplink
+        count, size = self.store.outbox_size(), self.store.outbox_bytes()
+        if count >= uplink.outbox_max_updates or size >= uplink.outbox_max_bytes:
+            return (f"outbox full: {count}/{uplink.outbox_max_updates} updates, "
+                    f"{size:,}/{uplink.outbox_max_bytes:,} B")
+        return None
+
     def _allowance(self, now: float) -> tuple[int | None, str | None]:
         """The bytes the next update may take (None: unlimited) and a sentence about it."""
         uplink = self.config.uplink
@@ -521,6 +544,7 @@ class Agent:
     # publisher
 
     async def _publish(self) -> None:
+        """Send the oldest queued update until the hub acknowledges it, then the next."""
         assert self._link is not None
         link = self._link
         while True:
@@ -532,25 +556,71 @@ class Agent:
             await link.connected.wait()
             wire = publish_wire_bytes(item.topic, item.payload, qos=1)
             started = time.monotonic()
+            self._ack_arrived.clear()
             try:
                 await link.publish(item.topic, item.payload, qos=1)
             except LinkDown as exc:
-                log.info("update %d not yet acknowledged (%s); will retry", item.seq, exc)
+                log.info("update %d not taken by the broker (%s); will retry", item.seq, exc)
                 await asyncio.sleep(1.0)
                 continue
             except PublishRejected as exc:
+                # The broker's ACL will refuse every resend too: settle it here, loudly.
                 log.error("broker refused update %d, dropping it: %s", item.seq, exc)
-            else:
-                self.updates_sent += 1
-                self.uplink_bytes += wire
-                rate = wire / max(time.monotonic() - started, 1e-6)
-                self.goodput = rate if self.goodput is None else (
-                    GOODPUT_ALPHA * rate + (1 - GOODPUT_ALPHA) * self.goodput)
-            self.uplink_window.add(time.time(), wire)  # a refused PUBLISH crossed the link too
-            self.store.acknowledge(item.seq)
+                self._settle(item.seq, ACK_REJECTED, "broker-refused")
+                continue
+            finally:
+                self.uplink_window.add(time.time(), wire)  # a refused PUBLISH crossed too
+            self.updates_sent += 1
+            self.uplink_bytes += wire
+            rate = wire / max(time.monotonic() - started, 1e-6)
+            self.goodput = rate if self.goodput is None else (
+                GOODPUT_ALPHA * rate + (1 - GOODPUT_ALPHA) * self.goodput)
             self.store.put(updates_sent=self.updates_sent, uplink_bytes=self.uplink_bytes,
                            uplink_window=self.uplink_window.to_state(),
                            goodput_bps=self.goodput)
+            if not await self._until_acknowledged(item.seq):
+                log.info("no acknowledgement of update %d within %.0f s; sending it again",
+                         item.seq, self.config.uplink.ack_timeout_s)
+
+    async def _until_acknowledged(self, seq: int) -> bool:
+        """Wait for the hub's acknowledgement of `seq` (the listener settles it)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.uplink.ack_timeout_s):
+                while self.store.holds(seq):
+                    await self._ack_arrived.wait()
+                    self._ack_arrived.clear()
+                return True
+        return False
+
+    def _on_ack(self, payload: bytes) -> None:
+        """The hub settled one of our updates: take it out of the outbox."""
+        try:
+            ack = Ack.decode(payload)
+        except WireError as exc:
+            log.warning("ignored an acknowledgement: %s", exc)
+            return
+        if ack.device != self.config.device_id:
+            log.warning("ignored an acknowledgement for device %s", ack.device)
+            return
+        if not self.store.holds(ack.seq):
+            log.debug("acknowledgement of update %d again (already settled)", ack.seq)
+            return
+        if ack.outcome == ACK_REJECTED:
+            log.warning("hub rejected update %d: %s", ack.seq, ack.reason)
+        self._settle(ack.seq, ack.outcome, ack.reason, hub_version=ack.version)
+
+    def _settle(self, seq: int, outcome: str, reason: str | None, *,
+                hub_version: int | None = None) -> None:
+        """Drop an update from the outbox and count its outcome, in one transaction."""
+        if outcome == ACK_ACCEPTED:
+            self.acked += 1
+        else:
+            self.rejected_updates[str(reason)] = self.rejected_updates.get(str(reason), 0) + 1
+        self.last_ack = {"seq": seq, "outcome": outcome, "reason": reason,
+                         "hub_version": hub_version, "time": time.time()}
+        self.store.acknowledge(seq, state={"acked": self.acked, "last_ack": self.last_ack,
+                                           "rejected_updates": self.rejected_updates})
+        self._ack_arrived.set()
 
     # reporter
 
@@ -567,10 +637,14 @@ class Agent:
                     announced = self._link.connections
             if time.monotonic() >= next_beat:
                 await self._heartbeat()
-                next_beat = time.monotonic() + self.config.heartbeat.interval_s
+                beat = self.config.heartbeat
+                next_beat = time.monotonic() + beat.interval_s * (
+                    1 + self._jitter.uniform(-beat.jitter, beat.jitter))
             await asyncio.sleep(min(REPORT_TICK_S, self.config.heartbeat.interval_s))
 
     def heartbeat(self) -> Heartbeat:
+        link, readings = self._link, self.readings.read()
+        hottest, budget = readings.hottest(), self.scheduler.budget(time.time())
         evaluation = None if self.evaluation is None else Evaluation(
             version=self.evaluation.version, windows=self.evaluation.windows,
             global_accuracy=round(self.evaluation.global_accuracy, 4),
@@ -593,7 +667,18 @@ class Agent:
             evaluation=evaluation, drift=None if self.drift_score is None else Drift(
                 prediction_kl=round(self.drift_score.prediction_kl, 4),
                 feature_shift=round(self.drift_score.feature_shift, 4),
-                windows=self.drift_score.windows))
+                windows=self.drift_score.windows),
+            outbox_bytes=self.store.outbox_bytes(), acked=self.acked,
+            rejected=sum(self.rejected_updates.values()),
+            last_ack_seq=None if self.last_ack is None else self.last_ack["seq"],
+            last_ack_time=None if self.last_ack is None else self.last_ack["time"],
+            connected=link is not None and link.connected.is_set(),
+            reconnects=0 if link is None else link.stats.reconnects,
+            connect_failures=0 if link is None else link.stats.failed_attempts,
+            cpu_percent=None if readings.cpu_percent is None else round(readings.cpu_percent, 1),
+            temperature_c=None if hottest is None else round(hottest.celsius, 1),
+            battery_percent=readings.battery_percent, on_battery=readings.on_battery,
+            cpu_s_hour=budget["cpu_s_hour"], runs_24h=budget["runs_24h"])
 
     async def _heartbeat(self) -> None:
         """Publish a heartbeat (QoS 0: the next one supersedes it) and the status."""
@@ -602,6 +687,13 @@ class Agent:
         self.notifier.status(f"version {beat.model_version}, {beat.windows} windows, "
                              f"{beat.outbox} queued; {beat.decision}")
         self._write_status(beat)
+        if self.config.heartbeat.prometheus_textfile:
+            from fedd.agent.metrics import write_textfile  # ~1 MiB: only when configured
+
+            try:
+                write_textfile(self.config.heartbeat.prometheus_textfile, beat)
+            except OSError as exc:
+                log.warning("cannot write the Prometheus textfile: %s", exc)
         if self._link.connected.is_set():
             with contextlib.suppress(LinkDown, PublishRejected):
                 await self._link.publish(topics.heartbeat(self.config.fleet,

@@ -2,7 +2,7 @@
 
 Three tables: `windows` (featurized sensor windows, bounded by count and
 age), `state` (small named blobs: replay cursor, personal head, scaler,
-sequence numbers) and `outbox` (encoded updates waiting for the broker's
+sequence numbers) and `outbox` (encoded updates waiting for the hub's
 acknowledgement). A power cut loses nothing that a commit returned for,
 which is why `synchronous=FULL`: commits are batched, so it costs little.
 """
@@ -163,12 +163,21 @@ class AgentStore:
         return [Outgoing(int(seq), str(topic), bytes(payload))  # type: ignore[arg-type]
                 for seq, topic, payload in rows]
 
-    def acknowledge(self, seq: int) -> None:
+    def acknowledge(self, seq: int, state: dict[str, Any] | None = None) -> None:
+        """Drop a settled update and store what its settlement changed, atomically."""
         with self._transaction():
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            for key, value in (state or {}).items():
+                self._put(key, value)
+
+    def holds(self, seq: int) -> bool:
+        return bool(self._query("SELECT 1 FROM outbox WHERE seq = ?", (seq,)))
 
     def outbox_size(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM outbox")[0][0])
+
+    def outbox_bytes(self) -> int:
+        return int(self._query("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM outbox")[0][0])
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -183,7 +183,7 @@ def _agent_config(person: int, stream: Path, port: int, out: Path, options: Flee
     return {
         "device_id": f"person-{person:02d}", "fleet": FLEET, "log_level": "info",
         "state_dir": str(out / "state" / f"person-{person:02d}"),
-        "broker": {"host": "127.0.0.1", "port": port},
+        "broker": {"host": "127.0.0.1", "port": port, "transport": "tcp"},
         "model": {"manifest": str(options.manifest), "name": options.model},
         "sensor": {"kind": "replay", "rate_hz": hapt.SAMPLE_RATE_HZ,
                    "replay": {"dataset": "stream", "person": person, "npz_path": str(stream),
@@ -201,7 +201,7 @@ def _agent_config(person: int, stream: Path, port: int, out: Path, options: Flee
 def _hub_config(port: int, out: Path, options: FleetOptions) -> dict[str, object]:
     return {
         "fleet": FLEET, "log_level": "info", "state_dir": str(out / "state" / "hub"),
-        "broker": {"host": "127.0.0.1", "port": port},
+        "broker": {"host": "127.0.0.1", "port": port, "transport": "tcp"},
         "model": {"manifest": str(options.manifest), "name": options.model},
         "aggregation": {"buffer_size": options.buffer_size,
                         "quorum": max(1, options.buffer_size // 2), "max_wait_s": 5.0,

@@ -24,17 +24,19 @@ import numpy as np
 from fedd import topics
 from fedd.config import AggregationConfig, HubConfig
 from fedd.hub.aggregate import FedBuff, apply_delta
+from fedd.hub.ledger import REJECTED, Ledger
 from fedd.hub.models import ModelStore
-from fedd.link import Link, LinkDown
+from fedd.link import Link, LinkDown, PublishRejected
 from fedd.model import ModelSpec, TrainableModel
-from fedd.pipeline import DecodeError
+from fedd.pipeline import Decoded, DecodeError
 from fedd.service import Notifier
-from fedd.wire import GlobalModel, ModelUpdate, WireError
+from fedd.wire import ACK_ACCEPTED, ACK_REJECTED, Ack, GlobalModel, ModelUpdate, WireError
 
 log = logging.getLogger(__name__)
 
 
 PAYLOAD_REASON_PREFIX = "payload-"  # + a fedd.pipeline.REASONS code: a part's payload
+ACK_PUBLISH_TIMEOUT_S = 5.0
 
 
 class Rejected(Exception):
@@ -46,11 +48,16 @@ class Rejected(Exception):
 
 
 @dataclass(frozen=True)
-class Accepted:
+class Receipt:
+    """What became of one update: the content of its acknowledgement."""
+
     device: str
     seq: int
-    staleness: int
-    weight: float
+    outcome: str  # wire.ACK_ACCEPTED or wire.ACK_REJECTED
+    reason: str | None = None
+    duplicate: bool = False
+    staleness: int | None = None
+    weight: float | None = None
 
 
 def _rule(aggregation: AggregationConfig) -> dict[str, Any]:
@@ -60,17 +67,20 @@ def _rule(aggregation: AggregationConfig) -> dict[str, Any]:
 
 
 class HubCore:
-    """Decode, verify and fold updates; cut new global versions."""
+    """Decode, verify and fold updates exactly once; cut new global versions."""
 
-    def __init__(self, config: HubConfig, spec: ModelSpec, store: ModelStore) -> None:
+    def __init__(self, config: HubConfig, spec: ModelSpec, store: ModelStore,
+                 ledger: Ledger) -> None:
         self.config = config
         self.spec = spec
         self.store = store
+        self.ledger = ledger
         self.current = store.latest() or self._initial_version()
         self.buffer = FedBuff(**_rule(config.aggregation))
-        self.last_seq: dict[str, int] = {}
         self.accepted = 0
+        self.duplicates = 0
         self.rejected: Counter[str] = Counter()
+        self._resume()
 
     def _initial_version(self) -> GlobalModel:
         """Version 0 is the shipped model's initial weights."""
@@ -81,42 +91,86 @@ class HubCore:
         self.store.save(model)
         return model
 
+    def _resume(self) -> None:
+        """Rebuild the buffer a previous run left: its updates were acknowledged."""
+        settled = self.ledger.folded_into(self.current.version)
+        if settled:
+            log.info("%d buffered updates were already in version %d", settled,
+                     self.current.version)
+        wall, mono = time.time(), time.monotonic()
+        for row in self.ledger.buffered():
+            try:
+                update = ModelUpdate.decode(row.payload,
+                                            max_bytes=self.config.limits.max_update_bytes)
+                decoded = self._decode_parts(update)
+            except (WireError, Rejected) as exc:
+                reason = getattr(exc, "reason", "internal-error")
+                self.ledger.settle_rejected(row.device, row.seq, reason)
+                log.error("buffered update %s seq %d cannot be folded again: %s", row.device,
+                          row.seq, exc)
+                continue
+            self.buffer.fold(decoded, num_samples=row.num_samples, staleness=row.staleness,
+                             now=mono - (wall - row.received))
+        if len(self.buffer):
+            log.info("resumed a buffer of %d acknowledged updates", len(self.buffer))
+
     def reconfigure(self, config: HubConfig) -> None:
         """Apply a reloaded config; buffered updates are kept."""
         self.buffer.configure(**_rule(config.aggregation))
         self.config = config
 
-    def receive(self, topic: str, payload: bytes, now: float | None = None) -> Accepted:
-        """Fold one update in, or raise Rejected (and count it)."""
-        try:
-            accepted = self._verify_and_fold(topic, payload, now)
-        except Rejected as exc:
-            self.rejected[exc.reason] += 1
-            raise
-        self.accepted += 1
-        return accepted
+    def receive(self, topic: str, payload: bytes, now: float | None = None) -> Receipt:
+        """Record and fold one update, or record why not; the receipt is its acknowledgement.
 
-    def _verify_and_fold(self, topic: str, payload: bytes, now: float | None) -> Accepted:
+        Raises Rejected (counted) only for a payload without a readable
+        (device, seq): that one cannot be acknowledged.
+        """
+        device = topics.device_of(topic)
         try:
             update = ModelUpdate.decode(payload, max_bytes=self.config.limits.max_update_bytes)
         except WireError as exc:
+            self.rejected[exc.reason] += 1
             raise Rejected(exc.reason, exc.detail) from None
-        if update.device != topics.device_of(topic):
-            raise Rejected("device-mismatch", f"{update.device} published on {topic}")
+        record = self.ledger.lookup(device, update.seq)
+        if record is not None:
+            self.duplicates += 1
+            return Receipt(device, update.seq,
+                           ACK_REJECTED if record.state == REJECTED else ACK_ACCEPTED,
+                           record.reason if record.state == REJECTED else None, duplicate=True)
+        try:
+            if update.device != device:
+                raise Rejected("device-mismatch", f"{update.device} published on {topic}")
+            staleness = self._staleness(update)
+            decoded = self._decode_parts(update)
+        except Rejected as exc:
+            self.rejected[exc.reason] += 1
+            self.ledger.reject(device, update.seq, exc.reason)
+            log.warning("rejected update %s seq %d: %s", device, update.seq, exc)
+            return Receipt(device, update.seq, ACK_REJECTED, exc.reason)
+        # Durable before it counts: a crash after this commit rebuilds the same buffer.
+        self.ledger.accept(device, update.seq, version=self.current.version + 1,
+                           staleness=staleness, num_samples=update.num_samples, payload=payload)
+        weight = self.buffer.fold(decoded, num_samples=update.num_samples,
+                                  staleness=staleness, now=now)
+        self.accepted += 1
+        return Receipt(device, update.seq, ACK_ACCEPTED, staleness=staleness, weight=weight)
+
+    def _staleness(self, update: ModelUpdate) -> int:
         if update.model != self.spec.name:
             raise Rejected("wrong-model", f"{update.model} is not {self.spec.name}")
         unknown = sorted(set(update.parts) - set(self.spec.parts))
         if unknown:
             # A strategy may share only some parts (fedper: the body), never unknown ones.
             raise Rejected("wrong-shape", f"parts {unknown} are not in {sorted(self.spec.parts)}")
-        if update.seq <= self.last_seq.get(update.device, -1):
-            raise Rejected("duplicate", f"{update.device} seq {update.seq} already seen")
         staleness = self.current.version - update.base_version
         if staleness < 0:
             raise Rejected("future-base", f"base {update.base_version} > {self.current.version}")
         if staleness > self.config.aggregation.max_staleness:
             raise Rejected("too-stale", f"staleness {staleness}")
-        # Every part is checked before any is folded: a rejected update changes nothing.
+        return staleness
+
+    def _decode_parts(self, update: ModelUpdate) -> dict[str, Decoded]:
+        """Every part is checked before any is folded: a rejected update changes nothing."""
         decoded = {}
         for name in update.parts:
             try:
@@ -124,10 +178,7 @@ class HubCore:
             except DecodeError as exc:
                 raise Rejected(PAYLOAD_REASON_PREFIX + exc.reason,
                                f"part {name}: {exc.detail}") from None
-        self.last_seq[update.device] = update.seq
-        weight = self.buffer.fold(decoded, num_samples=update.num_samples,
-                                  staleness=staleness, now=now)
-        return Accepted(update.device, update.seq, staleness, weight)
+        return decoded
 
     def next_version(self) -> GlobalModel:
         """Flush the buffer into a new stored version."""
@@ -136,6 +187,7 @@ class HubCore:
                             self.config.aggregation.server_learning_rate)
         if not all(np.isfinite(values).all() for values in parts.values()):
             self.rejected["non-finite-result"] += flushed.contributors
+            self.ledger.discard_buffer("non-finite-result")
             raise Rejected("non-finite-result",
                            f"{flushed.contributors} updates would overflow the weights")
         model = GlobalModel(version=self.current.version + 1, parent=self.current.version,
@@ -143,13 +195,17 @@ class HubCore:
                             created=time.time(), contributors=flushed.contributors,
                             mean_staleness=flushed.mean_staleness, parts=parts)
         self.store.save(model)
+        self.ledger.folded_into(model.version)
+        self.ledger.prune(self.config.ledger.retention_days * 86400)
         self.current = model
         return model
 
     def status(self) -> dict[str, object]:
+        """Counters of this run, and the ledger's all-time records per state."""
         return {"version": self.current.version, "digest": self.current.digest,
                 "buffered": len(self.buffer), "accepted": self.accepted,
-                "rejected": dict(self.rejected), "devices": len(self.last_seq),
+                "duplicates": self.duplicates, "rejected": dict(self.rejected),
+                "ledger": self.ledger.counts(), "devices": self.ledger.devices(),
                 "time": time.time()}
 
 
@@ -161,7 +217,8 @@ class HubService:
         self.notifier = notifier
         state = Path(config.state_dir)
         spec = ModelSpec.from_manifest(config.model.manifest, config.model.name)
-        self.core = HubCore(config, spec, ModelStore(state / "models"))
+        self.core = HubCore(config, spec, ModelStore(state / "models"),
+                            Ledger(state / "ledger.sqlite"))
         self.status_path = state / "status.json"
         self._announced = (0, -1)  # (link connection count, version) last published
         self._status_written = 0.0
@@ -182,16 +239,16 @@ class HubService:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        link = Link(host=cfg.broker.host, port=cfg.broker.port, keepalive_s=cfg.broker.keepalive_s,
-                    client_id=f"fedd-hub-{cfg.fleet}-{os.getpid()}",
-                    subscriptions=[(topics.update_shared(cfg.fleet, cfg.share_group), 1)])
+        link = Link.from_config(cfg.broker, f"fedd-hub-{cfg.fleet}-{cfg.share_group}",
+                                subscriptions=[(topics.update_shared(cfg.fleet,
+                                                                     cfg.share_group), 1)])
         async with link:
             self.notifier.ready()
             log.info("hub for fleet %s at version %d", cfg.fleet, self.core.current.version)
             while not stop.is_set():
                 message = await link.next_message(timeout=0.2)
                 if message is not None:
-                    self._receive(message.topic, message.payload)
+                    await self._receive(link, message.topic, message.payload)
                 if self.core.buffer.ready():
                     try:
                         model = self.core.next_version()
@@ -206,20 +263,33 @@ class HubService:
                 await self._announce(link)
                 self._write_status()
         self._write_status(force=True)
+        self.core.ledger.close()
         log.info("hub stopped at version %d", self.core.current.version)
 
-    def _receive(self, topic: str, payload: bytes) -> None:
+    async def _receive(self, link: Link, topic: str, payload: bytes) -> None:
+        """Settle one update, then acknowledge it to its device (never before the record)."""
+        self._status_dirty = True
         try:
-            accepted = self.core.receive(topic, payload)
+            receipt = self.core.receive(topic, payload)
         except Rejected as exc:
-            log.warning("rejected update on %s: %s", topic, exc)
+            log.warning("rejected an unreadable update on %s: %s", topic, exc)
+            return
         except Exception:  # a decoder bug must cost one update, never the hub
             self.core.rejected["internal-error"] += 1
             log.exception("internal error on an update from %s; dropped it", topic)
-        else:
-            log.debug("folded %s seq %d (staleness %d, weight %.1f)", accepted.device,
-                      accepted.seq, accepted.staleness, accepted.weight)
-        self._status_dirty = True
+            return
+        if receipt.outcome == ACK_ACCEPTED and not receipt.duplicate:
+            log.debug("folded %s seq %d (staleness %d, weight %.1f)", receipt.device,
+                      receipt.seq, receipt.staleness, receipt.weight)
+        ack = Ack(device=receipt.device, seq=receipt.seq, outcome=receipt.outcome,
+                  reason=receipt.reason, duplicate=receipt.duplicate,
+                  version=self.core.current.version, time=time.time())
+        try:
+            await link.publish(topics.ack(self.config.fleet, receipt.device), ack.encode(),
+                               qos=1, timeout=ACK_PUBLISH_TIMEOUT_S)
+        except (LinkDown, PublishRejected) as exc:
+            # The device sends the update again; the ledger makes that a duplicate.
+            log.info("could not acknowledge %s seq %d: %s", receipt.device, receipt.seq, exc)
 
     async def _announce(self, link: Link) -> None:
         """Publish the current version retained, again after every reconnect."""

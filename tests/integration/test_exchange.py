@@ -15,7 +15,7 @@ from fedd import topics
 from fedd.link import Message
 from fedd.model import ModelSpec
 from fedd.pipeline import Pipeline
-from fedd.wire import GlobalModel, Heartbeat, ModelUpdate
+from fedd.wire import Ack, GlobalModel, Heartbeat, ModelUpdate
 
 pytestmark = pytest.mark.integration
 
@@ -135,23 +135,27 @@ def test_malformed_updates_are_counted_and_the_hub_keeps_folding(
     spec = ModelSpec.from_manifest(manifest_path, "har-mlp")
     topic = topics.update(fleet, "probe-1")
 
+    # Refusals with a readable (device, seq) are recorded and acknowledged: each gets
+    # its own seq, as a device's resends of a settled update would be duplicates.
     bad = {
         "not-cbor": b"\xff\xfe this is not CBOR",
         "not-a-map": cbor2.dumps([1, 2, 3]),
         "bad-keys": cbor2.dumps({"format": 1, "device": "probe-1"}),
         "too-large": b"\x00" * 70000,
-        "wrong-shape": _update(spec, device="probe-1", seq=0, base_version=0,
+        "wrong-shape": _update(spec, device="probe-1", seq=1, base_version=0,
                                parts={"tail": np.zeros(3, np.float32)}),
-        "payload-wrong-length": _update(spec, device="probe-1", seq=0, base_version=0,
+        "payload-wrong-length": _update(spec, device="probe-1", seq=2, base_version=0,
                                         parts={"body": np.zeros(3, np.float32)}),
-        "payload-non-finite": _update(spec, device="probe-1", seq=0, base_version=0,
+        "payload-non-finite": _update(spec, device="probe-1", seq=3, base_version=0,
                                       payloads={"body": _nan_body(spec)}),
         "unknown-codec": cbor2.dumps({**cbor2.loads(_update(
-            spec, device="probe-1", seq=0, base_version=0)), "codec": "gzip"}),
-        "device-mismatch": _update(spec, device="someone-else", seq=0, base_version=0),
-        "future-base": _update(spec, device="probe-1", seq=0, base_version=7),
+            spec, device="probe-1", seq=4, base_version=0)), "codec": "gzip"}),
+        "device-mismatch": _update(spec, device="someone-else", seq=5, base_version=0),
+        "future-base": _update(spec, device="probe-1", seq=6, base_version=7),
     }
-    valid = _update(spec, device="probe-1", seq=0, base_version=0)
+    acknowledged = ("wrong-shape", "payload-wrong-length", "payload-non-finite",
+                    "device-mismatch", "future-base")
+    valid = _update(spec, device="probe-1", seq=10, base_version=0)
     # One session, QoS 1: the hub sees them in this order, the valid one last.
     probe.publish(*((topic, payload) for payload in bad.values()), (topic, valid))
 
@@ -160,6 +164,8 @@ def test_malformed_updates_are_counted_and_the_hub_keeps_folding(
                       watch=[hub])
     assert status["rejected"] == dict.fromkeys(bad, 1)
     assert status["accepted"] == 1
+    assert status["ledger"] == {"folded": 1, "rejected": len(acknowledged),
+                                **{f"rejected:{r}": 1 for r in acknowledged}}
     model = GlobalModel.decode(
         probe.first(topics.model_current(fleet),
                     lambda m: GlobalModel.decode(m.payload, max_bytes=MAX_MODEL_BYTES).version
@@ -171,12 +177,19 @@ def test_malformed_updates_are_counted_and_the_hub_keeps_folding(
     for reason in bad:
         assert reason in hub.log(), f"the hub did not log the {reason} rejection"
 
-    # A replay of the same update is a duplicate; the next seq, compressed, is folded again.
-    probe.publish((topic, valid), (topic, _update(spec, device="probe-1", seq=1,
-                                                  base_version=1, codec="topk:0.01+q:4+zstd")))
-    status = wait_for(lambda: (s := status_of(hub_state)) and s["accepted"] >= 2 and s,
-                      timeout=TIMEOUT_S, what="the second valid update", watch=[hub])
-    assert status["rejected"] == {**dict.fromkeys(bad, 1), "duplicate": 1}
+    # A replay of the same update is acknowledged as a duplicate and not folded again;
+    # the next seq, compressed, is folded. The acknowledgements reach the device's topic.
+    with probe.listening([topics.ack(fleet, "probe-1")]) as heard:
+        probe.publish((topic, valid), (topic, _update(spec, device="probe-1", seq=11,
+                                                      base_version=1,
+                                                      codec="topk:0.01+q:4+zstd")))
+        status = wait_for(lambda: (s := status_of(hub_state)) and s["accepted"] >= 2 and s,
+                          timeout=TIMEOUT_S, what="the second valid update", watch=[hub])
+        acks = [Ack.decode(m.payload) for m in heard(2, timeout=TIMEOUT_S)]
+    assert [(a.seq, a.outcome, a.duplicate) for a in acks] == [
+        (10, "accepted", True), (11, "accepted", False)]
+    assert status["rejected"] == dict.fromkeys(bad, 1)
+    assert status["duplicates"] == 1
     assert status["version"] == 2
     assert hub.alive()
     assert "Traceback" not in hub.log()

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from fedd.fleet.broker import Mosquitto
-from fedd.link import Link, LinkDown
+from fedd.link import Backoff, Link, LinkDown
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +110,47 @@ def test_concurrent_qos1_publishes_do_not_deadlock(broker):
         pytest.fail("the concurrent publishers neither finished nor reported a stall")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "published 9000" in result.stdout
+
+
+def test_a_persistent_session_keeps_what_arrived_while_we_were_away(broker):
+    """The hub's acknowledgements reach an agent that was offline when they were sent."""
+    topic = "fedd/v1/test/ack/away"
+
+    async def main() -> None:
+        def listener() -> Link:
+            return Link(host=broker.host, port=broker.port, client_id="fedd-away",
+                        subscriptions=[(topic, 1)], session_expiry_s=600)
+
+        async with listener() as link:
+            await link.wait_connected(10)
+            await link.publish("fedd/test/flush", b"", qos=1, timeout=10)  # SUBACK is in
+        async with Link(host=broker.host, port=broker.port, client_id="fedd-hub-probe") as hub:
+            await hub.wait_connected(10)
+            await hub.publish(topic, b"ack of update 7", qos=1, timeout=10)
+        async with listener() as link:
+            await link.wait_connected(10)
+            message = await link.next_message(timeout=10)
+            assert message is not None and message.payload == b"ack of update 7"
+
+    asyncio.run(main())
+
+
+def test_reconnects_back_off_and_count(broker):
+    """Broker gone: attempts fail and are counted; back: one reconnect, backoff reset."""
+
+    async def main() -> None:
+        link = Link(host=broker.host, port=broker.port, client_id="fedd-backoff",
+                    backoff=Backoff(0.05, 0.2), stable_s=0.0)
+        async with link:
+            await link.wait_connected(10)
+            broker.stop()
+            async with asyncio.timeout(10):
+                while link.connected.is_set() or link.stats.failed_attempts < 3:
+                    await asyncio.sleep(0.05)
+            broker.start()
+            await link.wait_connected(10)
+            assert link.stats.connects == 2 and link.stats.reconnects == 1
+            assert link.stats.last_disconnected is not None
+            assert link.stats.last_connected >= link.stats.last_disconnected
+
+    asyncio.run(main())

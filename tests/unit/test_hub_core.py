@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import pytest
 from fedd import topics
 from fedd.config import HubConfig, load_hub_config
 from fedd.hub.aggregate import weighted_mean
+from fedd.hub.ledger import Ledger
 from fedd.hub.models import ModelStore
-from fedd.hub.service import HubCore, Rejected
+from fedd.hub.service import HubCore, Receipt, Rejected
 from fedd.model import ModelSpec, TrainableModel
 from fedd.pipeline import Pipeline
 from fedd.wire import ModelUpdate, encode_deltas
@@ -67,8 +69,18 @@ def store(tmp_path: Path) -> ModelStore:
 
 
 @pytest.fixture
-def core(config: HubConfig, spec: ModelSpec, store: ModelStore) -> HubCore:
-    return HubCore(config, spec, store)
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.sqlite"
+
+
+@pytest.fixture
+def core(config: HubConfig, spec: ModelSpec, store: ModelStore, ledger_path: Path) -> HubCore:
+    return HubCore(config, spec, store, Ledger(ledger_path))
+
+
+def restarted(core: HubCore, config: HubConfig, spec: ModelSpec, ledger_path: Path) -> HubCore:
+    """A new hub on the same model store and ledger, as after a crash."""
+    return HubCore(config, spec, ModelStore(core.store.directory), Ledger(ledger_path))
 
 
 def delta(spec: ModelSpec, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
@@ -102,18 +114,31 @@ def topic(device: str) -> str:
     return topics.update(FLEET, device)
 
 
-def send(core: HubCore, spec: ModelSpec, **kw: Any) -> Any:
+def send(core: HubCore, spec: ModelSpec, **kw: Any) -> Receipt:
     device = kw.get("device", "dev-1")
     return core.receive(topic(device), payload(spec, **kw), now=0.0)
 
 
+def refusal(core: HubCore, where: str, body: bytes) -> str:
+    """The reason an update is refused: raised (no readable seq) or acknowledged."""
+    try:
+        receipt = core.receive(where, body, now=0.0)
+    except Rejected as exc:
+        return exc.reason
+    assert receipt.outcome == "rejected" and not receipt.duplicate
+    return str(receipt.reason)
+
+
+PUSHER_SEQS = itertools.count(1000)
+
+
 def advance(core: HubCore, spec: ModelSpec, versions: int, device: str = "pusher") -> None:
     """Cut `versions` new versions from fresh updates of one device."""
-    seq = core.last_seq.get(device, -1) + 1
     for _ in range(versions):
         for _ in range(core.config.aggregation.buffer_size):
-            send(core, spec, device=device, seq=seq, base=core.current.version, seed=seq)
-            seq += 1
+            seq = next(PUSHER_SEQS)
+            assert send(core, spec, device=device, seq=seq, base=core.current.version,
+                        seed=seq).outcome == "accepted"
         assert core.buffer.ready(now=0.0)
         core.next_version()
 
@@ -148,8 +173,8 @@ def test_version_zero_is_the_models_initial_weights(
 def test_status_before_any_update(core: HubCore) -> None:
     status = core.status()
     assert status["version"] == 0 and status["digest"] == core.current.digest
-    assert (status["buffered"], status["accepted"], status["rejected"], status["devices"]) == (
-        0, 0, {}, 0)
+    assert (status["buffered"], status["accepted"], status["rejected"], status["devices"],
+            status["duplicates"], status["ledger"]) == (0, 0, {}, 0, 0, {})
 
 
 # --------------------------------------------------------------- aggregation
@@ -159,7 +184,7 @@ def test_two_updates_make_version_one(core: HubCore, store: ModelStore, spec: Mo
     v0 = core.current
     d1, d2 = delta(spec, 1), delta(spec, 2)
     first = send(core, spec, device="dev-1", parts=d1, num_samples=120)
-    assert (first.device, first.seq, first.staleness, first.weight) == ("dev-1", 0, 0, 120.0)
+    assert first == Receipt("dev-1", 0, "accepted", staleness=0, weight=120.0)
     assert len(core.buffer) == 1 and not core.buffer.ready(now=1.0)
     send(core, spec, device="dev-2", parts=d2, num_samples=40)
     assert core.buffer.ready(now=0.0)
@@ -172,11 +197,12 @@ def test_two_updates_make_version_one(core: HubCore, store: ModelStore, spec: Mo
     assert store.versions() == [0, 1]
     assert store.load(1).digest == v1.digest
     assert core.status()["accepted"] == 2 and core.status()["devices"] == 2
+    assert core.status()["ledger"] == {"folded": 2}
 
 
 def test_stale_update_is_damped_and_learning_rate_applied(
-        tmp_path: Path, spec: ModelSpec, store: ModelStore) -> None:
-    core = HubCore(hub_config(tmp_path, learning_rate=0.5), spec, store)
+        tmp_path: Path, spec: ModelSpec, store: ModelStore, ledger_path: Path) -> None:
+    core = HubCore(hub_config(tmp_path, learning_rate=0.5), spec, store, Ledger(ledger_path))
     advance(core, spec, 1)
     v1 = core.current
     fresh, stale = delta(spec, 11), delta(spec, 12)
@@ -228,28 +254,41 @@ def test_rejections_are_counted_and_change_nothing(
     send(core, spec, device="other", seq=0, seed=5)
     before = buffer_state(core)
     where, body = make(spec)
-    with pytest.raises(Rejected) as info:
-        core.receive(where, body, now=0.0)
-    assert info.value.reason == reason
+    assert refusal(core, where, body) == reason
     assert core.rejected == {reason: 1}
     assert core.accepted == 1
     assert buffer_state(core) == before
-    assert "dev-1" not in core.last_seq and "dev-2" not in core.last_seq
     assert core.status()["rejected"] == {reason: 1}
+    # A refusal with a readable (device, seq) is recorded, so its resend is recognized.
+    recorded = core.ledger.counts().get("rejected", 0)
+    assert core.ledger.counts()["buffered"] == 1
+    assert recorded == (0 if reason in ("not-cbor", "bad-keys", "too-large") else 1)
 
 
-def test_duplicate_and_replayed_seq(core: HubCore, spec: ModelSpec) -> None:
-    send(core, spec, device="dev-1", seq=5)
+def test_a_resend_is_acknowledged_again_and_never_folded_twice(
+        core: HubCore, spec: ModelSpec) -> None:
+    assert send(core, spec, device="dev-1", seq=5).outcome == "accepted"
     before = buffer_state(core)
-    for seq in (5, 4, 0):
-        with pytest.raises(Rejected) as info:
-            send(core, spec, device="dev-1", seq=seq)
-        assert info.value.reason == "duplicate"
-    assert core.rejected == {"duplicate": 3}
+    for _ in range(3):
+        assert send(core, spec, device="dev-1", seq=5) == Receipt(
+            "dev-1", 5, "accepted", duplicate=True)
+    assert (core.duplicates, core.accepted, core.rejected) == (3, 1, {})
     assert buffer_state(core) == before
-    # Another device may use the same sequence numbers.
-    send(core, spec, device="dev-2", seq=5)
-    assert core.accepted == 2
+    # Sequence numbers are per device; a lower, unseen one is simply new.
+    assert send(core, spec, device="dev-2", seq=5).outcome == "accepted"
+    assert send(core, spec, device="dev-1", seq=4).outcome == "accepted"
+    assert core.accepted == 3
+
+
+def test_a_rejected_update_resent_gets_the_same_rejection(
+        core: HubCore, spec: ModelSpec) -> None:
+    assert send(core, spec, device="dev-1", seq=3, base=9) == Receipt(
+        "dev-1", 3, "rejected", "future-base")
+    # Even if the resend would now pass: the device's update 3 was settled once.
+    assert send(core, spec, device="dev-1", seq=3, base=0) == Receipt(
+        "dev-1", 3, "rejected", "future-base", duplicate=True)
+    assert core.rejected == {"future-base": 1} and core.accepted == 0
+    assert len(core.buffer) == 0
 
 
 def test_too_stale_after_advancing(core: HubCore, spec: ModelSpec) -> None:
@@ -259,17 +298,10 @@ def test_too_stale_after_advancing(core: HubCore, spec: ModelSpec) -> None:
     advance(core, spec, 1)
     assert core.current.version == 3
     before = buffer_state(core)
-    with pytest.raises(Rejected) as info:
-        send(core, spec, device="d", seq=1, base=0)
-    assert info.value.reason == "too-stale"
+    assert send(core, spec, device="d", seq=1, base=0) == Receipt("d", 1, "rejected",
+                                                                  "too-stale")
     assert core.rejected == {"too-stale": 1}
     assert buffer_state(core) == before
-
-
-def test_rejected_update_does_not_burn_its_seq(core: HubCore, spec: ModelSpec) -> None:
-    with pytest.raises(Rejected, match="future-base"):
-        send(core, spec, device="dev-1", seq=3, base=9)
-    assert send(core, spec, device="dev-1", seq=3, base=0).seq == 3
 
 
 def test_rejected_updates_leave_the_next_version_unchanged(
@@ -277,13 +309,14 @@ def test_rejected_updates_leave_the_next_version_unchanged(
     """Same accepted updates, with or without rejected ones between: same version."""
     digests = []
     for run, noisy in enumerate((False, True)):
-        core = HubCore(hub_config(tmp_path / str(run)), spec, ModelStore(tmp_path / f"m{run}"))
+        core = HubCore(hub_config(tmp_path / str(run)), spec, ModelStore(tmp_path / f"m{run}"),
+                       Ledger(tmp_path / f"ledger{run}.sqlite"))
         send(core, spec, device="a", seq=0, seed=21, num_samples=10)
         if noisy:
-            for bad in (dict(device="a", seq=0, seed=99), dict(device="b", base=7, seed=98),
-                        dict(device="b", model="nope", seed=97)):
-                with pytest.raises(Rejected):
-                    send(core, spec, **bad)
+            assert send(core, spec, device="a", seq=0, seed=99).duplicate
+            for bad in (dict(device="b", seq=1, base=7, seed=98),
+                        dict(device="b", seq=2, model="nope", seed=97)):
+                assert send(core, spec, **bad).outcome == "rejected"
         send(core, spec, device="b", seq=0, seed=22, num_samples=30)
         digests.append(core.next_version().digest)
     assert digests[0] == digests[1]
@@ -293,10 +326,11 @@ def test_rejected_updates_leave_the_next_version_unchanged(
 
 
 def test_restart_resumes_at_the_latest_version(
-        core: HubCore, config: HubConfig, spec: ModelSpec, store: ModelStore) -> None:
+        core: HubCore, config: HubConfig, spec: ModelSpec, store: ModelStore,
+        ledger_path: Path) -> None:
     advance(core, spec, 3)
     latest = core.current
-    again = HubCore(config, spec, ModelStore(store.directory))
+    again = restarted(core, config, spec, ledger_path)
     assert again.current.version == 3
     assert again.current.digest == latest.digest
     assert again.current.parent == 2
@@ -309,15 +343,51 @@ def test_restart_resumes_at_the_latest_version(
 
 
 def test_restart_over_version_zero_only(core: HubCore, config: HubConfig, spec: ModelSpec,
-                                        store: ModelStore) -> None:
-    again = HubCore(config, spec, store)
+                                        store: ModelStore, ledger_path: Path) -> None:
+    again = restarted(core, config, spec, ledger_path)
     assert again.current.version == 0 and again.current.digest == core.current.digest
     assert store.versions() == [0]
 
 
+def test_restart_rebuilds_the_buffer_of_acknowledged_updates(
+        core: HubCore, config: HubConfig, spec: ModelSpec, ledger_path: Path,
+        tmp_path: Path) -> None:
+    """An acknowledged update is never lost: a hub that stops mid-buffer folds it again."""
+    send(core, spec, device="a", seq=0, seed=31, num_samples=20)
+    before = buffer_state(core)
+    again = restarted(core, config, spec, ledger_path)
+    # The same buffer; its deadline is on this process's clock (tests fold at now=0).
+    assert buffer_state(again)[::2] == before[::2] and buffer_state(again)[3:] == before[3:]
+    assert send(again, spec, device="a", seq=0, seed=31).duplicate
+    send(again, spec, device="b", seq=0, seed=32, num_samples=60)
+    # The same version as a hub that never stopped would have made.
+    steady = HubCore(hub_config(tmp_path / "steady"), spec, ModelStore(tmp_path / "steady"),
+                     Ledger(tmp_path / "steady.sqlite"))
+    send(steady, spec, device="a", seq=0, seed=31, num_samples=20)
+    send(steady, spec, device="b", seq=0, seed=32, num_samples=60)
+    assert again.next_version().digest == steady.next_version().digest
+
+
+def test_a_crash_between_saving_a_version_and_marking_its_updates(
+        core: HubCore, config: HubConfig, spec: ModelSpec, ledger_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saved version already holds the buffered updates: a restart must not fold
+    them into the next one as well."""
+    for device in ("a", "b"):
+        send(core, spec, device=device, seq=0, seed=41)
+    monkeypatch.setattr(core.ledger, "folded_into", lambda version: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        core.next_version()
+    assert core.store.versions() == [0, 1]
+    again = restarted(core, config, spec, ledger_path)
+    assert again.current.version == 1 and len(again.buffer) == 0
+    assert again.ledger.counts() == {"folded": 2}
+    assert send(again, spec, device="a", seq=0, seed=41).duplicate
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_overflowing_updates_never_make_an_unloadable_version(
-        core: HubCore, config: HubConfig, spec: ModelSpec, store: ModelStore) -> None:
+        core: HubCore, config: HubConfig, spec: ModelSpec, ledger_path: Path) -> None:
     huge = {name: np.full(n, np.finfo(np.float32).max, np.float32)
             for name, n in spec.parts.items()}
     seq = 0
@@ -330,7 +400,8 @@ def test_overflowing_updates_never_make_an_unloadable_version(
             with contextlib.suppress(Rejected):
                 core.next_version()
     assert all(np.isfinite(p).all() for p in core.current.parts.values())
-    HubCore(config, spec, ModelStore(store.directory))  # restarts
+    assert core.ledger.counts().get("rejected:non-finite-result", 0) >= 2
+    assert len(restarted(core, config, spec, ledger_path).buffer) == 0
 
 
 def test_a_body_only_update_moves_only_the_body(core: HubCore, spec: ModelSpec) -> None:
@@ -383,8 +454,6 @@ def test_compressed_updates_fold_to_the_dense_reference(
 
 def test_an_update_must_read_as_its_declared_codec(core: HubCore, spec: ModelSpec) -> None:
     sparse = Pipeline.from_spec("topk:0.01+q:4+zstd").encode(np.ones(8288, np.float32))
-    with pytest.raises(Rejected) as info:
-        core.receive(topic("dev-1"), payload(spec, codec="float32",
-                                             payloads={"body": sparse.payload}), now=0.0)
-    assert info.value.reason == "payload-stack-mismatch"
-    assert send(core, spec, codec="topk:0.01+q:4+zstd").seq == 0
+    assert refusal(core, topic("dev-1"), payload(spec, codec="float32", payloads={
+        "body": sparse.payload})) == "payload-stack-mismatch"
+    assert send(core, spec, seq=1, codec="topk:0.01+q:4+zstd").outcome == "accepted"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from fedd.wire import (
     FORMAT,
     MAX_JSON_BYTES,
     MAX_PARTS,
+    Ack,
     Evaluation,
     GlobalModel,
     Heartbeat,
@@ -464,6 +466,74 @@ def hb_json(**changes: Any) -> bytes:
         "nan", "inf"])
 def test_heartbeat_rejections(payload: bytes, reason: str) -> None:
     assert hb_reason(payload) == reason
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"format": 1}, "unknown-format"),
+    ({"format": "2"}, "unknown-format"),
+    ({"connected": 1}, "bad-field"),
+    ({"on_battery": "yes"}, "bad-field"),
+    ({"reconnects": False}, "bad-field"),
+], ids=["old-format", "str-format", "int-bool", "str-bool", "bool-int"])
+def test_heartbeat_format_and_booleans(changes: dict[str, Any], reason: str) -> None:
+    assert hb_reason(hb_json(**changes)) == reason
+
+
+def test_heartbeat_booleans_round_trip() -> None:
+    sent = heartbeat(connected=True, on_battery=None, battery_percent=55.5)
+    assert Heartbeat.decode(sent.encode()) == sent
+
+
+# --------------------------------------------------------------- acknowledgements
+
+
+def ack(**changes: Any) -> Ack:
+    base = Ack(device="dev-01", seq=7, outcome="accepted", reason=None, duplicate=False,
+               version=3, time=1_700_000_000.25)
+    return replace(base, **changes)
+
+
+@pytest.mark.parametrize("sent", [
+    ack(), ack(duplicate=True), ack(outcome="rejected", reason="too-stale"),
+    ack(outcome="rejected", reason="payload-non-finite", duplicate=True),
+], ids=["accepted", "duplicate", "rejected", "rejected-again"])
+def test_ack_round_trip(sent: Ack) -> None:
+    assert Ack.decode(sent.encode()) == sent
+
+
+def ack_json(**changes: Any) -> bytes:
+    return json.dumps({**json.loads(ack().encode()), **changes}).encode()
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b" " * (MAX_JSON_BYTES + 1), "too-large"),
+    (b"{", "not-json"),
+    (b"[]", "not-a-map"),
+    (ack_json(extra=1), "bad-keys"),
+    (ack_json(outcome="maybe"), "bad-field"),
+    (ack_json(reason="too-stale"), "bad-field"),  # accepted with a reason
+    (ack_json(outcome="rejected"), "bad-field"),  # rejected without one
+    (ack_json(outcome="rejected", reason="Not A Code"), "bad-field"),
+    (ack_json(outcome="rejected", reason=5), "bad-field"),
+    (ack_json(duplicate=1), "bad-field"),
+    (ack_json(seq=-1), "bad-field"),
+    (ack_json(seq=True), "bad-field"),
+    (ack_json(device="a/b"), "bad-field"),
+    (ack_json(time="now"), "bad-field"),
+], ids=["too-large", "truncated", "list", "extra", "outcome", "accepted-reason",
+        "rejected-no-reason", "reason-shape", "reason-int", "dup-int", "negative-seq",
+        "bool-seq", "device-topic", "time-str"])
+def test_ack_rejections(payload: bytes, reason: str) -> None:
+    with pytest.raises(WireError) as info:
+        Ack.decode(payload)
+    assert info.value.reason == reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_ack_random_bytes(payload: bytes) -> None:
+    with contextlib.suppress(WireError):
+        Ack.decode(payload)
 
 
 def test_heartbeat_missing_key() -> None:

@@ -1,0 +1,103 @@
+"""The agent's outbox bound: a full outbox keeps training and folds into the residual.
+
+Drives a real Agent (real LiteRT model, real store, HAPT person 1's holdout
+as its stored windows) without MQTT: the local round and the hub's
+acknowledgement are called directly, so the test is about the rule alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fedd.agent.daemon import RESIDUAL_PREFIX, Agent
+from fedd.config import load_agent_config
+from fedd.model import TrainableModel
+from fedd.service import Notifier
+from fedd.wire import GlobalModel, ModelUpdate
+from tests.conftest import agent_settings, write_yaml
+
+MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    nowhere = SimpleNamespace(host="127.0.0.1", port=1)  # never connected in this test
+    settings = agent_settings(broker=nowhere, device_id="bounded", state_dir=tmp_path / "state",
+                              manifest=MANIFEST, uplink={"outbox_max_updates": 1})
+    agent = Agent(load_agent_config(write_yaml(tmp_path / "fedd.yaml", settings)), Notifier())
+    assert agent.holdout is not None
+    agent.store.add_windows(*agent.holdout)
+    yield agent
+    agent._worker.shutdown()
+    agent.store.close()
+
+
+def version(agent: Agent, number: int) -> GlobalModel:
+    return GlobalModel(version=number, parent=number - 1 if number else None,
+                       model=agent.spec.name, model_sha256=agent.spec.sha256,
+                       created=time.time(), contributors=0, mean_staleness=0.0,
+                       parts=TrainableModel(agent.spec).get_parts())
+
+
+def residual_norm(agent: Agent) -> float:
+    return sum(float(np.linalg.norm(agent.store.get(RESIDUAL_PREFIX + name, np.zeros(1))))
+               for name in agent.spec.parts)
+
+
+def test_a_full_outbox_folds_new_deltas_into_the_residual(agent: Agent) -> None:
+    agent._adopt(version(agent, 0))
+    agent._local_round()
+    assert agent.store.outbox_size() == 1 and agent.last_update["seq"] == 0
+    assert residual_norm(agent) == 0.0  # float32 sends everything
+
+    # The hub has not acknowledged update 0: the next round trains but queues nothing.
+    agent._adopt(version(agent, 1))
+    agent._local_round()
+    assert agent.store.outbox_size() == 1 and agent.store.get("next_seq") == 1
+    assert agent.last_update["seq"] is None
+    assert agent.last_update["budget"].startswith("outbox full: 1/1 updates")
+    assert agent.last_update["budget"].endswith("delta folded into the residual")
+    assert agent.last_trained_version == 1  # trained, not deferred
+    folded = residual_norm(agent)
+    assert folded > 0
+
+    # Acknowledged: room again, and the next update carries what was folded.
+    agent._settle(0, "accepted", None, hub_version=1)
+    assert agent.store.outbox_size() == 0 and agent.acked == 1
+    agent._adopt(version(agent, 2))
+    agent._local_round()
+    (queued,) = agent.store.outgoing()
+    update = ModelUpdate.decode(queued.payload, max_bytes=1 << 20)
+    assert (update.seq, update.base_version) == (1, 2)
+    assert residual_norm(agent) == 0.0
+    assert agent.store.get("acked") == 1 and agent.store.get("last_ack")["seq"] == 0
+
+
+def test_the_byte_bound_counts_too(agent: Agent) -> None:
+    agent.config = dataclasses.replace(agent.config, uplink=dataclasses.replace(
+        agent.config.uplink, outbox_max_updates=100, outbox_max_bytes=1024))
+    agent._adopt(version(agent, 0))
+    agent._local_round()  # an empty outbox takes one update, whatever its size
+    agent._adopt(version(agent, 1))
+    agent._local_round()
+    assert agent.store.outbox_size() == 1
+    assert "B; delta folded into the residual" in agent.last_update["budget"]
+    assert f"{agent.store.outbox_bytes():,}/1,024 B" in agent.last_update["budget"]
+
+
+def test_a_rejection_is_settled_and_counted_by_reason(agent: Agent) -> None:
+    agent._adopt(version(agent, 0))
+    agent._local_round()
+    agent._settle(0, "rejected", "too-stale", hub_version=30)
+    assert agent.store.outbox_size() == 0
+    assert (agent.acked, agent.rejected_updates) == (0, {"too-stale": 1})
+    beat = agent.heartbeat()
+    assert (beat.rejected, beat.acked, beat.last_ack_seq, beat.outbox, beat.connected) == (
+        1, 0, 0, 0, False)
