@@ -50,7 +50,7 @@ def nonce(device: str) -> str:
 
 
 def ack(device: str) -> str:
-    return f"fedd/v1/{FLEET}/ack/{device}"
+    return topics.ack(FLEET, device)
 
 
 # ---------------------------------------------------------------- the fleet

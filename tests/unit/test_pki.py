@@ -357,7 +357,7 @@ def test_the_acl_gives_devices_their_own_topics_only():
         f"pattern write {topics.status('farm', '%u')}",
         "pattern write fedd/v1/farm/attest/%u",
         "pattern read fedd/v1/farm/attest/%u/nonce",
-        "pattern read fedd/v1/farm/ack/%u",
+        f"pattern read {topics.ack('farm', '%u')}",
         "pattern read fedd/v1/farm/model/#",
     }
     assert topics.model_current("farm").startswith("fedd/v1/farm/model/")
@@ -365,7 +365,7 @@ def test_the_acl_gives_devices_their_own_topics_only():
     assert set(sections) == {None, pki.HUB_IDENTITY, pki.MONITOR_IDENTITY}
     shared = topics.update_shared("farm", "hub").split("/", 2)[2]
     assert f"topic read {shared}" in sections[pki.HUB_IDENTITY]
-    assert "topic write fedd/v1/farm/ack/+" in sections[pki.HUB_IDENTITY]
+    assert f"topic write {topics.ack('farm', '+')}" in sections[pki.HUB_IDENTITY]
     assert "topic readwrite fedd/v1/farm/model/#" in sections[pki.HUB_IDENTITY]
     assert "topic deny fedd/v1/farm/+/fedd-hub/#" in sections[pki.HUB_IDENTITY]
     assert not any(line.startswith(("topic write", "topic readwrite"))
