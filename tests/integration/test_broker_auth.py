@@ -13,6 +13,7 @@ be in too.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ssl
 import threading
@@ -28,6 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedd import pki, topics
 from fedd.fleet.broker import Mosquitto, MutualTLS
+from fedd.link import Link, PublishRejected, TlsFiles
 
 pytestmark = pytest.mark.integration
 
@@ -383,6 +385,40 @@ def test_the_monitor_reads_health_and_writes_nothing(clients):
     assert accepted(device.publish(topics.heartbeat(FLEET, "dev-a"), b"beat"))
     monitor.received(topics.heartbeat(FLEET, "dev-a"), b"beat")
     assert monitor.seen() == [(topics.heartbeat(FLEET, "dev-a"), b"beat")]
+
+
+# ---------------------------------------------------------------- fedd's own link
+
+
+def tls_files(bundle: Path) -> TlsFiles:
+    return TlsFiles(str(bundle / pki.CA_CERT), str(bundle / pki.CLIENT_CERT),
+                    str(bundle / pki.CLIENT_KEY))
+
+
+def test_fedd_links_speak_mutual_tls_with_the_fleet_broker(broker, fleet):
+    """The provisioned bundles work as fedd.link uses them (the paths of broker.tls)."""
+
+    async def main() -> None:
+        hub_link = Link(host=broker.host, port=broker.port, client_id="fedd-hub-test",
+                        tls=tls_files(fleet.bundle(pki.HUB_IDENTITY)),
+                        subscriptions=[(topics.update_shared(FLEET, "hub"), 1)])
+        device_link = Link(host=broker.host, port=broker.port, client_id="fedd-dev-a",
+                           tls=tls_files(fleet.bundle("dev-a")))
+        async with hub_link as hub, device_link as device:
+            await hub.wait_connected(WAIT_S)
+            await device.wait_connected(WAIT_S)
+            with pytest.raises(PublishRejected, match="Not authorized"):
+                await device.publish(topics.update(FLEET, "dev-b"), b"forged", timeout=WAIT_S)
+            # Link does not report its SUBACK: resend until the hub's subscription is in.
+            deadline = time.monotonic() + WAIT_S
+            message = None
+            while message is None:
+                assert time.monotonic() < deadline, "the hub never got the device's update"
+                await device.publish(topics.update(FLEET, "dev-a"), b"mine", timeout=WAIT_S)
+                message = await hub.next_message(timeout=0.2)
+            assert (message.topic, message.payload) == (topics.update(FLEET, "dev-a"), b"mine")
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------- handshakes that fail
