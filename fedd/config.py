@@ -97,6 +97,11 @@ IDENTIFIER = {
     "hint": "must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit"
     " (it becomes an MQTT topic level)",
 }
+# A device id is also its certificate's CN; "fedd-…" names the hub and monitor (fedd.pki).
+DEVICE_ID = {
+    "pattern": r"(?!fedd-)" + IDENTIFIER["pattern"],
+    "hint": IDENTIFIER["hint"] + "; ids starting with fedd- are reserved for the hub",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,7 +353,7 @@ class UplinkConfig:
 class AgentConfig:
     """One device's ``fedd.yaml``."""
 
-    device_id: str = setting(**IDENTIFIER)
+    device_id: str = setting(**DEVICE_ID)
     fleet: str = setting("default", **IDENTIFIER)
     log_level: LogLevel = "info"
     state_dir: str = "/var/lib/fedd"

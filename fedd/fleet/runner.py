@@ -1,7 +1,8 @@
 """`fedd fleet`: a whole federated fleet on one machine, on real data.
 
-A private Mosquitto on a free loopback port, one `fedd hub` process and one
-`fedd agent` process per HAPT person, each agent replaying its person's
+A private Mosquitto on a free loopback port, in the fleet's production mode
+(mutual TLS with certificates made for the run, the fleet ACL), one `fedd
+hub` process and one `fedd agent` process per HAPT person, each agent replaying its person's
 recorded stream on an accelerated clock as if it were live. The runner only
 watches what any operator could: the retained model topic and the
 heartbeats. It prints a row per global version, then a summary, and writes
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from fedd import topics
+from fedd import pki, topics
 from fedd.datasets import hapt, hapt_person, save_stream
-from fedd.fleet.broker import Mosquitto
+from fedd.fleet.broker import Mosquitto, MutualTLS
 from fedd.fleet.report import HEADER, FleetReport, VersionRow, format_row, plot, score_row
-from fedd.link import Link
+from fedd.link import Link, TlsFiles
 from fedd.pipeline import Pipeline, SpecError
 from fedd.wire import GlobalModel, Heartbeat, WireError
 
@@ -142,9 +143,10 @@ class Watcher:
         return len(self.scores.get(version, {})) >= self.devices
 
 
-async def _watch(port: int, options: FleetOptions, agents: list[subprocess.Popen[bytes]],
-                 watcher: Watcher) -> str:
+async def _watch(port: int, monitor: TlsFiles, options: FleetOptions,
+                 agents: list[subprocess.Popen[bytes]], watcher: Watcher) -> str:
     link = Link(host="127.0.0.1", port=port, client_id=f"fedd-fleet-{os.getpid()}",
+                tls=monitor,
                 subscriptions=[(topics.model_current(FLEET), 1), (topics.heartbeats(FLEET), 0)])
     deadline = watcher.started + options.timeout_s
     reached_at: float | None = None
@@ -178,12 +180,30 @@ def _prepare_streams(options: FleetOptions, folder: Path) -> list[Path]:
     return paths
 
 
-def _agent_config(person: int, stream: Path, port: int, out: Path, options: FleetOptions
-                  ) -> dict[str, object]:
+def _provision(folder: Path, devices: list[str]) -> dict[str, TlsFiles]:
+    """A fleet CA and every certificate the run needs: the broker, hub, watcher, devices."""
+    ca, _ = pki.init_ca(folder, FLEET)
+    pki.issue_broker(ca, folder, ["127.0.0.1", "localhost"])
+    bundles = {}
+    for identity in (pki.HUB_IDENTITY, pki.MONITOR_IDENTITY, *devices):
+        issued = pki.issue_client(ca, folder, identity)
+        bundles[identity] = TlsFiles(*(str(issued.folder / name) for name in (
+            pki.CA_CERT, pki.CLIENT_CERT, pki.CLIENT_KEY)))
+    return bundles
+
+
+def _broker_section(port: int, tls: TlsFiles) -> dict[str, object]:
+    return {"host": "127.0.0.1", "port": port, "transport": "tls",
+            "tls": {"ca_file": tls.ca_file, "cert_file": tls.cert_file,
+                    "key_file": tls.key_file}}
+
+
+def _agent_config(person: int, stream: Path, broker: dict[str, object], out: Path,
+                  options: FleetOptions) -> dict[str, object]:
     return {
         "device_id": f"person-{person:02d}", "fleet": FLEET, "log_level": "info",
         "state_dir": str(out / "state" / f"person-{person:02d}"),
-        "broker": {"host": "127.0.0.1", "port": port, "transport": "tcp"},
+        "broker": broker,
         "model": {"manifest": str(options.manifest), "name": options.model},
         "sensor": {"kind": "replay", "rate_hz": hapt.SAMPLE_RATE_HZ,
                    "replay": {"dataset": "stream", "person": person, "npz_path": str(stream),
@@ -198,10 +218,11 @@ def _agent_config(person: int, stream: Path, port: int, out: Path, options: Flee
     }
 
 
-def _hub_config(port: int, out: Path, options: FleetOptions) -> dict[str, object]:
+def _hub_config(broker: dict[str, object], out: Path, options: FleetOptions
+                ) -> dict[str, object]:
     return {
         "fleet": FLEET, "log_level": "info", "state_dir": str(out / "state" / "hub"),
-        "broker": {"host": "127.0.0.1", "port": port, "transport": "tcp"},
+        "broker": broker,
         "model": {"manifest": str(options.manifest), "name": options.model},
         "aggregation": {"buffer_size": options.buffer_size,
                         "quorum": max(1, options.buffer_size // 2), "max_wait_s": 5.0,
@@ -216,15 +237,20 @@ def run_fleet(options: FleetOptions) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "state").mkdir()
     streams = _prepare_streams(options, out / "data")
-    with Mosquitto(out / "broker") as broker:
-        _say(f"broker: mosquitto on 127.0.0.1:{broker.port}")
+    devices = [f"person-{person:02d}" for person in range(1, len(streams) + 1)]
+    bundles = _provision(out / "pki", devices)
+    with Mosquitto(out / "broker", tls=MutualTLS(out / "pki", FLEET)) as broker:
+        _say(f"broker: mosquitto on 127.0.0.1:{broker.port}, mutual TLS and the fleet ACL "
+             f"(certificates in {out / 'pki'})")
+        hub_broker = _broker_section(broker.port, bundles[pki.HUB_IDENTITY])
         hub = _start(["hub", "-c", str(_write_yaml(out / "hub.yaml",
-                                                   _hub_config(broker.port, out, options)))],
+                                                   _hub_config(hub_broker, out, options)))],
                      out / "logs" / "hub.log")
         agents = []
         for person, stream in enumerate(streams, start=1):
+            device_broker = _broker_section(broker.port, bundles[devices[person - 1]])
             config = _write_yaml(out / f"agent-{person:02d}.yaml",
-                                 _agent_config(person, stream, broker.port, out, options))
+                                 _agent_config(person, stream, device_broker, out, options))
             agents.append(_start(["agent", "-c", str(config)],
                                  out / "logs" / f"agent-{person:02d}.log"))
         _say(f"hub and {len(agents)} agents started (logs in {out / 'logs'}); "
@@ -232,7 +258,8 @@ def run_fleet(options: FleetOptions) -> int:
         _say(HEADER)
         watcher = Watcher(options.devices, time.monotonic())
         try:
-            ended = asyncio.run(_watch(broker.port, options, agents, watcher))
+            ended = asyncio.run(_watch(broker.port, bundles[pki.MONITOR_IDENTITY], options,
+                                       agents, watcher))
         finally:
             peaks = [_peak_rss(a.pid) for a in agents]
             agent_codes = [_stop(a) for a in agents]

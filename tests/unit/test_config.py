@@ -382,3 +382,12 @@ def test_uplink_codec_is_checked_with_the_pipelines_sentence(tmp_path):
             """))
     text = str(info.value)
     assert "uplink" in text and "q" in text and "3" in text
+
+
+def test_device_ids_starting_with_fedd_are_reserved(tmp_path):
+    path = tmp_path / "fedd.yaml"
+    path.write_text("device_id: fedd-hub\n")
+    with pytest.raises(ConfigError, match=r"fedd.yaml:1: device_id: .*reserved for the hub"):
+        load_agent_config(path)
+    path.write_text("device_id: feddish-1\n")
+    assert load_agent_config(path).device_id == "feddish-1"
