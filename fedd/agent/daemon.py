@@ -70,6 +70,8 @@ RETENTION_EVERY = 64
 REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
 GOODPUT_ALPHA = 0.3  # weight of the newest acknowledged publish in the goodput EWMA
+PUBLISH_TIMEOUT_S = 30.0  # an update's PUBLISH must be acknowledged by the broker in this
+LINK_SHARE = 0.5  # of that time an update may take at the measured goodput
 RESIDUAL_PREFIX = "residual_"  # + a part name: that part's error-feedback residual (store)
 
 
@@ -538,8 +540,18 @@ class Agent:
         limit = allowance(max_update_bytes=uplink.max_update_bytes,
                           bytes_per_hour=uplink.bytes_per_hour, used=used, queued=queued)
         if uplink.bytes_per_hour is None:
-            return limit, None if limit is None else f"budget: {limit:,} B per update"
-        return limit, f"budget: {used + queued:,}/{uplink.bytes_per_hour:,} B this hour"
+            note = None if limit is None else f"budget: {limit:,} B per update"
+        else:
+            note = f"budget: {used + queued:,}/{uplink.bytes_per_hour:,} B this hour"
+        # An update the link cannot carry before its publish times out would be sent
+        # again and again: keep it to what the measured goodput moves in half that time.
+        if self.goodput is not None:
+            carried = int(self.goodput * PUBLISH_TIMEOUT_S * LINK_SHARE)
+            if limit is None or carried < limit:
+                limit = carried
+                note = (f"link: {carried:,} B fit in {PUBLISH_TIMEOUT_S * LINK_SHARE:.0f} s at "
+                        f"{self.goodput:,.0f} B/s")
+        return limit, note
 
     # publisher
 
@@ -558,7 +570,7 @@ class Agent:
             started = time.monotonic()
             self._ack_arrived.clear()
             try:
-                await link.publish(item.topic, item.payload, qos=1)
+                await link.publish(item.topic, item.payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
             except LinkDown as exc:
                 log.info("update %d not taken by the broker (%s); will retry", item.seq, exc)
                 await asyncio.sleep(1.0)

@@ -18,6 +18,7 @@ import pytest
 
 from fedd.agent.daemon import RESIDUAL_PREFIX, Agent
 from fedd.config import load_agent_config
+from fedd.link import publish_wire_bytes
 from fedd.model import TrainableModel
 from fedd.service import Notifier
 from fedd.wire import GlobalModel, ModelUpdate
@@ -101,3 +102,17 @@ def test_a_rejection_is_settled_and_counted_by_reason(agent: Agent) -> None:
     beat = agent.heartbeat()
     assert (beat.rejected, beat.acked, beat.last_ack_seq, beat.outbox, beat.connected) == (
         1, 0, 0, 0, False)
+
+
+def test_a_slow_link_gets_updates_it_can_carry_before_the_publish_times_out(
+        agent: Agent) -> None:
+    """At 100 B/s a float32 update (34 kB) would outlast its 30 s publish timeout and be
+    sent again and again: the agent sends a sparser level that fits half of it."""
+    agent.goodput = 100.0
+    agent._adopt(version(agent, 0))
+    agent._local_round()
+    last = agent.last_update
+    assert last["budget"].startswith("link: 1,500 B fit in 15 s at 100 B/s; sent as topk:")
+    (queued,) = agent.store.outgoing()
+    assert publish_wire_bytes(queued.topic, queued.payload, qos=1) <= 1500
+    assert last["codec"].startswith("topk:") and residual_norm(agent) > 0
