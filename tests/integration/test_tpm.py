@@ -416,6 +416,7 @@ def test_scripts_enroll_on_the_device_then_on_the_hub(swtpm: Swtpm, tmp_path: Pa
 
 
 def test_scripts_enroll_refuses_a_missing_tpm_unless_told(tmp_path: Path) -> None:
+    skip_without_swtpm()  # without tpm2-pytss the reason would be that, not the TCTI's
     tcti = f"swtpm:host=127.0.0.1,port={closed_port()}"
     args = ["device", "--tcti", tcti, "--device-id", "pi-008", "--class", CLASS,
             "--key", str(tmp_path / "update.key"), "--out", str(tmp_path / "pi-008.json")]
