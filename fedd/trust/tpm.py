@@ -70,6 +70,7 @@ __all__ = [
     "DEFAULT_AK_HANDLE",
     "DEFAULT_PCRS",
     "MEASUREMENT_PCR",
+    "AttestationKey",
     "NoTpm",
     "Tpm",
     "TpmError",
