@@ -408,6 +408,9 @@ class Heartbeat:
     runs_24h: int = 0  # training runs in the last 24 h (scheduler budget)
     software: str = ""  # the agent's fedd version
     model: str = ""  # the model it runs (manifest name)
+    trusted: bool | None = None  # the hub's last attestation verdict; None: none yet
+    trust_reason: str | None = None  # why not trusted (a fedd.trust.reasons code)
+    trusted_until: float | None = None
     format: int = HEARTBEAT_FORMAT
 
     def encode(self) -> bytes:
@@ -430,6 +433,7 @@ _JSON_KINDS: dict[str, tuple[type, ...]] = {
     "str": (str,), "float": (int, float), "int": (int,), "bool": (bool,),
     "bool | None": (bool, type(None)),
     "int | None": (int, type(None)), "float | None": (int, float, type(None)),
+    "str | None": (str, type(None)),
     "Evaluation | None": (dict, type(None)),
     "Drift | None": (dict, type(None)),
 }

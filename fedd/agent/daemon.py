@@ -31,6 +31,7 @@ import numpy as np
 import psutil
 
 from fedd import __version__, topics
+from fedd.agent.attestation import DeviceTrust
 from fedd.agent.budget import HourlyWindow, allowance, choose_level
 from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
 from fedd.agent.drift import DriftMonitor, DriftScore
@@ -46,6 +47,7 @@ from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
 from fedd.model import ModelError, ModelSpec, TrainableModel
 from fedd.pipeline import Pipeline
 from fedd.service import Notifier
+from fedd.trust.messages import Hello, TrustVerdict, decode_from_hub
 from fedd.wire import (
     ACK_ACCEPTED,
     ACK_REJECTED,
@@ -101,6 +103,7 @@ class Agent:
         if carried:
             log.info("uplink %s; error-feedback residuals carried: %s", self.uplink.spec,
                      ", ".join(f"{name} |r|={norm:.6g}" for name, norm in sorted(carried.items())))
+        self.trust = DeviceTrust(config.trust, config.device_id, self.spec.path)
         self.delegate = choose_delegate(config.inference.delegates)
         self.learner = Learner(self._load_model(), config.training,
                                strategy=config.training.strategy,
@@ -236,7 +239,9 @@ class Agent:
         self._link = Link.from_config(
             cfg.broker, f"fedd-{cfg.device_id}", will=Will(status_topic, offline),
             subscriptions=[(topics.model_current(cfg.fleet), 1),
-                           (topics.ack(cfg.fleet, cfg.device_id), 1)])
+                           (topics.ack(cfg.fleet, cfg.device_id), 1),
+                           (topics.attest_nonce(cfg.fleet, cfg.device_id), 1)])
+        await self._in_worker(self.trust.measure)  # before any quote can be asked for
         async with self._link as link:
             self.notifier.ready()
             log.info("agent %s up: model %s, %d windows stored, %d updates queued",
@@ -306,9 +311,13 @@ class Agent:
     async def _listen(self) -> None:
         assert self._link is not None
         ack_topic = topics.ack(self.config.fleet, self.config.device_id)
+        attest_topic = topics.attest_nonce(self.config.fleet, self.config.device_id)
         async for message in self._link.messages():
             if message.topic == ack_topic:
                 self._on_ack(message.payload)
+                continue
+            if message.topic == attest_topic:
+                await self._on_hub_attest(message.payload)
                 continue
             try:
                 model = GlobalModel.decode(message.payload, max_bytes=MAX_MODEL_BYTES)
@@ -335,6 +344,22 @@ class Agent:
                      model.contributors)
             self._wake_trainer.set()
             await self._heartbeat()
+
+    async def _on_hub_attest(self, payload: bytes) -> None:
+        """A challenge gets a quote (or why there is none); a verdict is recorded."""
+        assert self._link is not None
+        try:
+            message = decode_from_hub(payload)
+        except WireError as exc:
+            log.warning("ignored an attestation message: %s", exc)
+            return
+        if isinstance(message, TrustVerdict):
+            self.trust.record(message)
+            return
+        answer = await self._in_worker(self.trust.answer, message)
+        with contextlib.suppress(LinkDown, PublishRejected):
+            await self._link.publish(topics.attest(self.config.fleet, self.config.device_id),
+                                     answer, qos=1)
 
     def _adopt(self, model: GlobalModel) -> None:
         """Apply a global version, re-fit the personal head and score both (worker)."""
@@ -463,11 +488,11 @@ class Agent:
             def size(pipeline: Pipeline) -> int:
                 # Every level starts from the SAME carried residual.
                 encoded = encode_deltas(pipeline, result.delta, carried)
-                data = ModelUpdate(device=self.config.device_id, seq=seq,
-                                   base_version=result.base_version, model=self.spec.name,
-                                   num_samples=result.num_samples, parts=encoded.payloads,
-                                   created=created, codec=pipeline.spec,
-                                   trigger=trigger).encode()
+                data = self.trust.sign(ModelUpdate(
+                    device=self.config.device_id, seq=seq, base_version=result.base_version,
+                    model=self.spec.name, num_samples=result.num_samples,
+                    parts=encoded.payloads, created=created, codec=pipeline.spec,
+                    trigger=trigger).encode())
                 encodings[pipeline.spec] = data, encoded.residuals
                 return publish_wire_bytes(topic, data, qos=1)
 
@@ -646,6 +671,10 @@ class Agent:
                 with contextlib.suppress(LinkDown, PublishRejected):
                     await self._link.publish(status_topic, Status(
                         self.config.device_id, "online", time.time()).encode(), retain=True)
+                    # Ask for a challenge: trust is per hub run and per connection.
+                    await self._link.publish(topics.attest(self.config.fleet,
+                                                           self.config.device_id),
+                                             Hello().encode(), qos=1)
                     announced = self._link.connections
             if time.monotonic() >= next_beat:
                 await self._heartbeat()
@@ -655,7 +684,7 @@ class Agent:
             await asyncio.sleep(min(REPORT_TICK_S, self.config.heartbeat.interval_s))
 
     def heartbeat(self) -> Heartbeat:
-        link, readings = self._link, self.readings.read()
+        link, readings, verdict = self._link, self.readings.read(), self.trust.verdict
         hottest, budget = readings.hottest(), self.scheduler.budget(time.time())
         evaluation = None if self.evaluation is None else Evaluation(
             version=self.evaluation.version, windows=self.evaluation.windows,
@@ -691,7 +720,10 @@ class Agent:
             temperature_c=None if hottest is None else round(hottest.celsius, 1),
             battery_percent=readings.battery_percent, on_battery=readings.on_battery,
             cpu_s_hour=budget["cpu_s_hour"], runs_24h=budget["runs_24h"],
-            software=__version__, model=self.spec.name)
+            software=__version__, model=self.spec.name,
+            trusted=None if verdict is None else verdict.trusted,
+            trust_reason=None if verdict is None else verdict.reason,
+            trusted_until=None if verdict is None else verdict.until)
 
     async def _heartbeat(self) -> None:
         """Publish a heartbeat (QoS 0: the next one supersedes it) and the status."""
