@@ -205,7 +205,7 @@ class Agent:
     def reload(self, config: AgentConfig) -> None:
         """Apply training, store and heartbeat settings; others need a restart."""
         fixed = ("device_id", "fleet", "state_dir", "broker", "model", "sensor", "window",
-                 "inference")
+                 "inference", "trust")
         changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
         if changed:
             log.warning("reload: %s change(s) need a restart; applying the rest",
