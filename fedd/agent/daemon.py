@@ -63,6 +63,7 @@ from fedd.wire import (
     WireError,
     encode_deltas,
     fold_deltas,
+    payload_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -478,7 +479,9 @@ class Agent:
         # The `local` strategy shares nothing, and a round the scheduler stopped part-way
         # is discarded (its delta would claim all the windows): nothing to send either way.
         shares = bool(result.delta) and run.stopped is None
-        seq = int(self.store.get("next_seq", 0)) if shares else None
+        # A fresh store starts at the clock in milliseconds: a device whose state was
+        # wiped never reuses a seq the hub has already settled (it would be a "resend").
+        seq = int(self.store.get("next_seq", time.time() * 1000)) if shares else None
         payload, residuals, sent_bytes, codec, budget = None, {}, None, self.uplink.spec, None
         if seq is not None:
             carried = {name: self.store.get(RESIDUAL_PREFIX + name) for name in result.delta}
@@ -639,12 +642,16 @@ class Agent:
         if ack.device != self.config.device_id:
             log.warning("ignored an acknowledgement for device %s", ack.device)
             return
-        if not self.store.holds(ack.seq):
-            log.debug("acknowledgement of update %d again (already settled)", ack.seq)
+        seq = ack.seq
+        if seq is None:  # an update the hub could not read, named by its bytes
+            seq = next((item.seq for item in self.store.outgoing()
+                        if payload_digest(item.payload) == ack.digest), None)
+        if seq is None or not self.store.holds(seq):
+            log.debug("acknowledgement of update %s again (already settled)", ack.seq)
             return
         if ack.outcome == ACK_REJECTED:
-            log.warning("hub rejected update %d: %s", ack.seq, ack.reason)
-        self._settle(ack.seq, ack.outcome, ack.reason, hub_version=ack.version)
+            log.warning("hub rejected update %d: %s", seq, ack.reason)
+        self._settle(seq, ack.outcome, ack.reason, hub_version=ack.version)
 
     def _settle(self, seq: int, outcome: str, reason: str | None, *,
                 hub_version: int | None = None) -> None:

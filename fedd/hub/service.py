@@ -32,7 +32,15 @@ from fedd.model import ModelSpec, TrainableModel
 from fedd.pipeline import Decoded, DecodeError
 from fedd.service import Notifier
 from fedd.trust.messages import unseal
-from fedd.wire import ACK_ACCEPTED, ACK_REJECTED, Ack, GlobalModel, ModelUpdate, WireError
+from fedd.wire import (
+    ACK_ACCEPTED,
+    ACK_REJECTED,
+    Ack,
+    GlobalModel,
+    ModelUpdate,
+    WireError,
+    payload_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ class Receipt:
     """What became of one update: the content of its acknowledgement."""
 
     device: str
-    seq: int
+    seq: int | None  # None: the update could not be read
     outcome: str  # wire.ACK_ACCEPTED or wire.ACK_REJECTED
     reason: str | None = None
     duplicate: bool = False
@@ -296,16 +304,18 @@ class HubService:
         try:
             receipt = self.core.receive(topic, payload)
         except Rejected as exc:
+            # No seq to name it by: the ack names the bytes, so the device stops resending.
             log.warning("rejected an unreadable update on %s: %s", topic, exc)
-            return
+            receipt = Receipt(topics.device_of(topic), None, ACK_REJECTED, exc.reason)
         except Exception:  # a decoder bug must cost one update, never the hub
             self.core.rejected["internal-error"] += 1
             log.exception("internal error on an update from %s; dropped it", topic)
-            return
+            receipt = Receipt(topics.device_of(topic), None, ACK_REJECTED, "internal-error")
         if receipt.outcome == ACK_ACCEPTED and not receipt.duplicate:
             log.debug("folded %s seq %d (staleness %d, weight %.1f)", receipt.device,
                       receipt.seq, receipt.staleness, receipt.weight)
-        ack = Ack(device=receipt.device, seq=receipt.seq, outcome=receipt.outcome,
+        ack = Ack(device=receipt.device, seq=receipt.seq, digest=payload_digest(payload),
+                  outcome=receipt.outcome,
                   reason=receipt.reason, duplicate=receipt.duplicate,
                   version=self.core.current.version, time=time.time())
         try:
@@ -313,7 +323,7 @@ class HubService:
                                qos=1, timeout=ACK_PUBLISH_TIMEOUT_S)
         except (LinkDown, PublishRejected) as exc:
             # The device sends the update again; the ledger makes that a duplicate.
-            log.info("could not acknowledge %s seq %d: %s", receipt.device, receipt.seq, exc)
+            log.info("could not acknowledge %s seq %s: %s", receipt.device, receipt.seq, exc)
 
     async def _attest(self, link: Link, topic: str, payload: bytes) -> None:
         """A device's hello or quote: answer with a challenge or the verdict."""
