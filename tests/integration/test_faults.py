@@ -21,6 +21,7 @@ them).
 from __future__ import annotations
 
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -511,3 +512,55 @@ def test_agents_behind_a_narrow_lossy_link(namespace, tmp_path, make_fleet, wait
         f"{name} {count.dropped}/{count.passed + count.dropped}" for name, count in loss.items()))
     assert tally.produced == 3 * 2
     assert all(count.dropped > 0 for count in loss.values()), loss
+
+
+
+
+# ------------------------------------------------ contract gaps found by these tests
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: an update the hub cannot read (here larger than limits.max_update_bytes) is never "
+    "acknowledged, so the agent resends it every ack_timeout_s forever and its outbox is "
+    "stuck behind it; the hub counts every resend as another 'too-large' rejection and "
+    "records none (HubCore.receive raises Rejected before the ledger; "
+    "HubService._receive then returns without an Ack)"))
+def test_an_update_the_hub_cannot_read_is_settled_with_a_reason(broker, make_fleet, wait_for,
+                                                                status_of):
+    fleet = make_fleet(broker, "unreadable", runs=1,
+                       hub_sections={"limits": {"max_update_bytes": 4096}})  # float32: 34 kB
+    fleet.start_hub()
+    fleet.add_agent("dev-1", 1)
+    fleet.start_agent("dev-1")
+    final = drain(fleet, wait_for, status_of, timeout=5 * ACK_TIMEOUT_S)
+    tally = check_exactly_once("an unreadable update", fleet.states, fleet.hub_state,
+                               duplicates=final["duplicates"])
+    assert tally.rejected == {"too-large": 1}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: the hub knows an update only by (device, seq): a device that lost its state "
+    "directory (replaced SD card, re-provisioned under the same device_id) starts again at "
+    "seq 0, and the hub acknowledges its new updates as accepted duplicates of the old ones "
+    "and never folds them (HubCore.receive: ledger.lookup(device, seq) hit -> "
+    "Receipt(ACK_ACCEPTED, duplicate=True) without comparing the payload)"))
+def test_a_device_that_lost_its_state_is_not_taken_for_a_resend(broker, make_fleet, wait_for,
+                                                                status_of):
+    fleet = make_fleet(broker, "wiped", runs=2)
+    fleet.start_hub()
+    fleet.add_agent("dev-1", 1)
+    fleet.start_agent("dev-1")
+    drain(fleet, wait_for, status_of)
+    before = check_exactly_once("before the wipe", fleet.states, fleet.hub_state)
+    shutil.rmtree(fleet.states["dev-1"])
+    fleet.start_hub()
+    fleet.start_agent("dev-1")
+    final = drain(fleet, wait_for, status_of)
+    status = status_of(fleet.states["dev-1"])
+    folded = sum(ModelStore(fleet.hub_state / "models").load(v).contributors
+                 for v in range(1, final["version"] + 1)) - before.contributors
+    print(f"after the wipe: {status['acked']} updates acknowledged as accepted, {folded} "
+          f"folded, {final['duplicates']} taken for resends")
+    assert status["acked"] >= 1
+    assert status["acked"] == folded + final["buffered"], \
+        "updates acknowledged as accepted were never folded"
