@@ -20,8 +20,10 @@ them).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -374,18 +376,33 @@ def test_broker_killed_and_restarted_repeatedly(broker, make_fleet, wait_for, st
 # ------------------------------------------------ scenario 2: agents killed mid-upload
 
 
+@contextlib.contextmanager
+def _frozen(process: FeddProcess) -> Iterator[None]:
+    """SIGSTOP a process for the block (a hub that has not acknowledged yet), then SIGCONT."""
+    process.send(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.popen.send_signal(signal.SIGCONT)
+
+
 def test_agents_killed_mid_upload_and_restarted(broker, make_fleet, wait_for, status_of):
-    """SIGKILL agents while an update is queued and on its way, restart them on the same state.
+    """SIGKILL agents in the middle of an upload, restart them on the same state directory.
 
     The agents reach the broker through a proxy that delays every byte by
     0.5 s each way, so an upload (publish, PUBACK, the hub's acknowledgement)
-    takes over a second and the kills land inside it.
+    takes over a second. Two kill points, in turn: anywhere while an update
+    is queued; and after the broker took the update (its PUBACK counted in
+    `updates_sent`) but before the hub's acknowledgement came back, which
+    the test makes sure of by freezing the hub meanwhile. After such a kill
+    the hub folds the first copy and must take the restarted agent's resend
+    for a duplicate.
     """
     with DelayProxy((broker.host, broker.port), 0.5) as proxy:
         host, port = proxy.address
         fleet = make_fleet(broker, "agent-crash", runs=6,
                            agent_sections={"broker": {"host": host, "port": port}})
-        fleet.start_hub()
+        hub = fleet.start_hub()
         for person in (4, 5):
             fleet.add_agent(f"dev-{person}", person)
             fleet.start_agent(f"dev-{person}")
@@ -393,21 +410,41 @@ def test_agents_killed_mid_upload_and_restarted(broker, make_fleet, wait_for, st
         for turn in range(6):
             device = f"dev-{4 + turn % 2}"
             process, state = fleet.agents[device], fleet.states[device]
-            status = wait_for(
-                lambda p=process, st=state: (s := status_of(st)) and s["pid"] == p.pid
-                and (s["outbox"] > 0 or s["runs_24h"] >= fleet.runs) and s,
+
+            def queued(p: FeddProcess = process, st: Path = state) -> dict[str, Any] | None:
+                s = status_of(st)
+                return s if s and s["pid"] == p.pid and s["outbox"] > 0 else None
+
+            status = wait_for(lambda p=process, st=state: queued() or (
+                (s := status_of(st)) and s["pid"] == p.pid and s["runs_24h"] >= fleet.runs),
                 timeout=TIMEOUT_S, what=f"an update of {device} on its way",
                 watch=fleet.running())
-            if status["outbox"] == 0:
+            if not queued():
                 continue  # this one has made all its updates
-            process.kill()
-            kills[device] += 1
+            if turn % 4 < 2:
+                process.kill()
+                kills["while queued"] += 1
+            else:
+                with _frozen(hub):
+                    # PUBACKed since the freeze: the broker has it (a resend, at the latest
+                    # after ack_timeout_s, counts too); no acknowledgement can come now.
+                    taken = _bounded_wait(lambda st=status: (s := queued()) is not None
+                                          and s["updates_sent"] > st["updates_sent"],
+                                          ACK_TIMEOUT_S + 3.0)
+                    if taken:
+                        process.kill()
+                        kills["after the broker took it"] += 1
+                if not taken:
+                    continue  # acknowledged just before the freeze: try the next update
             fleet.start_agent(device)
-        assert sum(kills.values()) >= 3, f"too few kills landed: {dict(kills)}"
+        assert kills["while queued"] >= 2 and kills["after the broker took it"] >= 1, kills
         final = drain(fleet, wait_for, status_of)
-    tally = check_exactly_once(f"agents killed {sum(kills.values())}x mid-upload",
-                               fleet.states, fleet.hub_state, duplicates=final["duplicates"])
+    tally = check_exactly_once(
+        "agents killed mid-upload: " + ", ".join(f"{n} {k}" for k, n in kills.items()),
+        fleet.states, fleet.hub_state, duplicates=final["duplicates"])
     assert tally.produced >= 2 * 3
+    assert final["duplicates"] >= kills["after the broker took it"], \
+        "a resend of an update the hub already had was not recognized as a duplicate"
 
 
 # ------------------------------------------------ scenario 3: the hub crashes
