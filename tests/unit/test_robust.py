@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedd.config import RobustConfig
 from fedd.hub.aggregate import FedBuff, Mean
+from fedd.hub.ledger import Ledger
 from fedd.hub.robust import (
     NORM_OUTLIER,
     Median,
@@ -397,3 +400,42 @@ def test_reducer_for_config() -> None:
 def test_config_refuses_inconsistent_settings(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RobustConfig(**kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the ledger keeps the norms
+
+
+def test_the_ledger_keeps_norms_and_scales_across_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path)
+    for seq in range(6):
+        ledger.accept("d", seq, version=1, staleness=0, num_samples=1, payload=b"x",
+                      norm=float(seq), scale=1.0 if seq % 2 else 0.5)
+    ledger.reject("d", 6, NORM_OUTLIER)
+    ledger.folded_into(1)  # payloads are dropped, norms stay
+    ledger.accept("d", 7, version=2, staleness=0, num_samples=1, payload=b"y", norm=7.0,
+                  scale=0.25)
+    ledger.close()
+    again = Ledger(path)
+    assert again.recent_norms(4) == [3.0, 4.0, 5.0, 7.0]
+    assert again.recent_norms(100) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0]
+    [row] = again.buffered()
+    assert (row.seq, row.norm, row.scale) == (7, 7.0, 0.25)
+
+
+def test_a_ledger_made_before_the_norm_columns_gains_them(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE updates (device TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
+            reason TEXT, received REAL NOT NULL, version INTEGER, staleness INTEGER,
+            num_samples INTEGER, payload BLOB, PRIMARY KEY (device, seq)) WITHOUT ROWID;
+        INSERT INTO updates VALUES ('d', 1, 'buffered', NULL, 1.0, 1, 0, 5, x'00');
+        """)
+    db.close()
+    ledger = Ledger(path)
+    [row] = ledger.buffered()
+    assert (row.norm, row.scale) == (None, 1.0)
+    assert ledger.recent_norms(10) == []
+    ledger.accept("d", 2, version=1, staleness=0, num_samples=1, payload=b"x", norm=2.5)
+    assert ledger.recent_norms(10) == [2.5]
