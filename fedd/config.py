@@ -429,7 +429,7 @@ class AggregationConfig:
 class RobustConfig:
     """Bounds on each update's influence (fedd.hub.robust); every bound is on one
     update's L2 norm over all its shared parts, the median of the fleet's recent
-    accepted norms scaling the relative ones (defaults: scripts/bench-robust)."""
+    norms scaling the relative ones (defaults: scripts/bench-robust)."""
 
     clip_norm: float | None = setting(None, gt=0)
     clip_multiple: float | None = setting(3.0, min=1, max=1000)

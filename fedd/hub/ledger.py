@@ -9,10 +9,11 @@ next version rebuilds the same buffer; the row records the version it is
 headed for (the current one + 1), so a crash between saving that version
 and marking its rows tells itself apart on restart.
 
-An accepted update's row also keeps its norm and the clip scale it was
-folded with (fedd.hub.robust): the scale makes a re-fold after a restart
-equal the first fold, and the norms of the recent accepted rows, folded or
-not, are the history a restarted hub judges the next updates by.
+An update's row also keeps its norm and, when accepted, the clip scale it
+was folded with (fedd.hub.robust): the scale makes a re-fold after a
+restart equal the first fold, and the recent rows' norms (accepted, or
+rejected as norm outliers) are the history a restarted hub judges the next
+updates by.
 
 Records older than the retention are pruned; each device's largest pruned
 seq survives, so a resend of a pruned update is still recognized (a device
@@ -124,9 +125,10 @@ class Ledger:
                    (device, seq, *columns.values()))
         db.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
 
-    def reject(self, device: str, seq: int, reason: str) -> None:
+    def reject(self, device: str, seq: int, reason: str, norm: float | None = None) -> None:
         with self._transaction() as db:
-            self._record(db, device, seq, state=REJECTED, reason=reason, received=time.time())
+            self._record(db, device, seq, state=REJECTED, reason=reason, received=time.time(),
+                         norm=norm)
 
     def accept(self, device: str, seq: int, *, version: int, staleness: int, num_samples: int,
                payload: bytes, norm: float | None = None, scale: float = 1.0) -> None:
@@ -147,16 +149,15 @@ class Ledger:
                 for d, s, r, v, st, n, p, nm, sc in rows]
 
     def recent_norms(self, count: int) -> list[float]:
-        """The norms of the `count` latest accepted updates (buffered or folded), oldest first.
+        """The recorded norms of the `count` latest updates, oldest first.
 
         Pruned rows are gone: after a quiet spell longer than the retention the
         history starts again.
         """
         with self._lock:
             rows = self._db.execute(
-                "SELECT norm FROM (SELECT norm, received FROM updates WHERE state != ? AND "
-                "norm IS NOT NULL ORDER BY received DESC LIMIT ?) ORDER BY received",
-                (REJECTED, count)).fetchall()
+                "SELECT norm FROM (SELECT norm, received FROM updates WHERE norm IS NOT NULL "
+                "ORDER BY received DESC LIMIT ?) ORDER BY received", (count,)).fetchall()
         return [float(n) for (n,) in rows]
 
     def folded_into(self, version: int) -> int:

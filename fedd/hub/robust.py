@@ -5,16 +5,20 @@ Two layers around FedBuff's weighted mean, each optional (config `robust:`):
 * `NormScreen`, per update as it arrives. It takes the L2 norm of the
   update's whole shared vector, all parts together (a sparse part's norm is
   its sent values' norm: nothing is densified), and compares it with the
-  median of the fleet's recent accepted norms (`NormTracker`, the last N).
+  median of the fleet's recent norms (`NormTracker`, the last N screened).
   An update above ``reject_multiple`` x that median is refused as
   ``norm-outlier``; one above the clip bound, the smaller of ``clip_norm``
   and ``clip_multiple`` x the median, is scaled down onto it (norm bounding,
   Sun et al. 2019). The median-relative rules wait until ``warmup`` norms
   are in (and the median is > 0); ``clip_norm`` holds from the first update.
-  The norms that count are those of accepted updates before clipping; the
-  hub keeps each one in its ledger row, so a restarted hub reads its
-  history back (`Ledger.recent_norms`) and re-folds a buffered update with
-  the clip scale it was accepted with.
+  Every screened norm joins the history, rejected ones too (before
+  clipping): with accepted ones alone, a fleet whose norms all grew (a
+  damaged or a new model, drift) would be refused for ever, whereas this
+  way the median follows it after about N/2 refusals; an attacker must send
+  half the recent updates to move the median. The hub keeps each norm in
+  the update's ledger row, so a restarted hub reads its history back
+  (`Ledger.recent_norms`) and re-folds a buffered update with the clip
+  scale it was accepted with.
 * The buffer's rule, per flush (a `Reducer` of `fedd.hub.aggregate`):
   FedBuff's `Mean`, or the coordinate-wise `TrimmedMean` / `Median` (Yin et
   al. 2018) of the buffered updates, each damped by its staleness weight and
@@ -87,7 +91,7 @@ def _check_norm(norm: float) -> float:
 
 
 class NormTracker:
-    """The last `size` accepted norms, and their median once `warmup` of them are in."""
+    """The last `size` norms, and their median once `warmup` of them are in."""
 
     def __init__(self, *, size: int, warmup: int, norms: Iterable[float] = ()) -> None:
         self._norms: deque[float] = deque(maxlen=1)
@@ -142,7 +146,7 @@ class Outlier(Exception):
 
     def __init__(self, norm: float, limit: float, median: float, multiple: float) -> None:
         super().__init__(f"norm {norm:.4g} > {limit:.4g} ({multiple:g} x the median "
-                         f"{median:.4g} of the recent accepted norms)")
+                         f"{median:.4g} of the recent norms)")
         self.norm, self.limit, self.median = norm, limit, median
 
 
@@ -155,9 +159,9 @@ def _positive(name: str, value: float | None) -> float | None:
 class NormScreen:
     """Outlier rejection and clipping of whole updates against the recent norms.
 
-    `check` judges one update (raises `Outlier`, or returns its `Verdict`);
-    `admit` records the norm of one the caller accepted: only accepted
-    updates make the history, so refused ones cannot drag the median up.
+    `check` judges one update: it raises `Outlier`, the norm joining the
+    history at once, or returns the update's `Verdict`, whose norm joins
+    the history when the caller `admit`s it (after recording it durably).
     """
 
     def __init__(self, *, clip_norm: float | None = None, clip_multiple: float | None = None,
@@ -194,11 +198,14 @@ class NormScreen:
     def check(self, delta: Mapping[str, np.ndarray | Addable]) -> Verdict:
         """Judge one update (all its parts); raises `Outlier` if it is refused."""
         norm = update_norm(delta)
+        if not math.isfinite(norm):
+            raise ValueError("the update holds NaN or Inf (the hub's decoders refuse it)")
         median = self.tracker.median()
         self.checked += 1
         if median is not None and self.reject_multiple is not None \
                 and norm > self.reject_multiple * median:
             self.rejected += 1
+            self.tracker.add(norm)
             raise Outlier(norm, self.reject_multiple * median, median, self.reject_multiple)
         bound = self.bound(median)
         return Verdict(norm, clip_scale(norm, bound), bound, median)

@@ -54,9 +54,10 @@ CHALLENGE_CHECK_S = 1.0
 class Rejected(Exception):
     """An update the hub will not fold in; `reason` is a counted code."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, norm: float | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.norm = norm  # the update's norm, if it was screened (fedd.hub.robust)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class HubCore:
         self.trust = trust
         self.current = store.latest() or self._initial_version()
         self.buffer = _buffer(config)
-        # The norm history is rebuilt from the ledger: the norms of the latest accepted updates.
+        # The norm history is rebuilt from the ledger: the norms of the latest updates.
         self.screen = robust.NormScreen.from_config(
             config.robust, norms=ledger.recent_norms(config.robust.norm_history))
         self.accepted = 0
@@ -181,7 +182,7 @@ class HubCore:
             verdict = self._screen(decoded)
         except Rejected as exc:
             self.rejected[exc.reason] += 1
-            self.ledger.reject(device, update.seq, exc.reason)
+            self.ledger.reject(device, update.seq, exc.reason, norm=exc.norm)
             log.warning("rejected update %s seq %d: %s", device, update.seq, exc)
             return Receipt(device, update.seq, ACK_REJECTED, exc.reason)
         # Durable before it counts: a crash after this commit rebuilds the same buffer.
@@ -224,7 +225,7 @@ class HubCore:
         try:
             return self.screen.check(decoded)
         except robust.Outlier as exc:
-            raise Rejected(exc.reason, str(exc)) from None
+            raise Rejected(exc.reason, str(exc), norm=exc.norm) from None
 
     def next_version(self) -> GlobalModel:
         """Flush the buffer into a new stored version."""

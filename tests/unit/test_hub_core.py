@@ -487,7 +487,8 @@ def test_a_norm_outlier_is_rejected_counted_and_acknowledged(
     assert send(core, spec, device="evil", seq=0, parts=scaled(spec, 7, 100.0), base=2) == (
         Receipt("evil", 0, "rejected", "norm-outlier", duplicate=True))
     robust = core.status()["robust"]
-    assert (robust["checked"], robust["rejected"], robust["history"]) == (5, 1, 4)  # type: ignore[index]
+    assert (robust["checked"], robust["rejected"], robust["history"]) == (5, 1, 5)  # type: ignore[index]
+    assert core.ledger.recent_norms(10)[-1] == pytest.approx(update_norm(scaled(spec, 7, 100.0)))
     # Before the warm-up the same update would have been accepted (and clipped by nothing).
     fresh = robust_core(tmp_path / "fresh", spec, warmup=4, norm_history=10)
     assert send(fresh, spec, device="evil", seq=0, parts=scaled(spec, 7, 100.0)).outcome == (
@@ -521,7 +522,7 @@ def test_a_restarted_hub_keeps_its_norm_history_and_refolds_with_the_same_scale(
     assert send(core, spec, device="a", parts=scaled(spec, 8, 5.0), base=3).outcome == (
         "accepted")
     before, norms = buffer_state(core), core.screen.tracker.norms
-    assert len(norms) == 6  # 7 accepted, the newest 6 kept
+    assert len(norms) == 6  # 7 screened, the newest 6 kept
     again = HubCore(core.config, spec, ModelStore(core.store.directory),
                     Ledger(tmp_path / "ledger.sqlite"))
     assert again.screen.tracker.norms == norms

@@ -163,19 +163,33 @@ def test_screen_clips_to_a_multiple_of_the_median() -> None:
     assert s.check(vector(3.9)).scale == 1.0
 
 
-def test_screen_rejects_far_outliers_and_leaves_them_out_of_the_history() -> None:
-    s = screen()
+def test_screen_rejects_far_outliers_and_keeps_every_norm() -> None:
+    s = screen(norm_history=10)
     admit_all(s, [1.0, 2.0, 3.0])
     with pytest.raises(Outlier) as raised:
         s.check(vector(20.5))
     assert raised.value.reason == NORM_OUTLIER == "norm-outlier"
     assert raised.value.limit == pytest.approx(20.0) and "20.5" in str(raised.value)
-    assert len(s.tracker) == 3
+    assert s.tracker.norms == pytest.approx([1.0, 2.0, 3.0, 20.5])  # the rejected one too
     s.admit(s.check(vector(19.0)))  # inside the limit: clipped, and its raw norm counts
     assert s.tracker.norms[-1] == pytest.approx(19.0)
-    assert s.measurements() == {"checked": 5, "clipped": 1, "rejected": 1, "history": 4,
-                                "median_norm": pytest.approx(2.5),
-                                "clip_bound": pytest.approx(5.0)}
+    assert s.measurements() == {"checked": 5, "clipped": 1, "rejected": 1, "history": 5,
+                                "median_norm": pytest.approx(3.0),
+                                "clip_bound": pytest.approx(6.0)}
+
+
+def test_a_fleet_whose_norms_all_grew_is_accepted_again_after_half_the_history() -> None:
+    """Rejected norms join the history: a shift of the whole fleet cannot lock it out."""
+    s = screen(norm_history=10, warmup=3)
+    admit_all(s, [1.0] * 10)
+    outcomes = []
+    for _ in range(12):
+        try:
+            s.admit(s.check(vector(50.0)))
+            outcomes.append("accepted")
+        except Outlier:
+            outcomes.append("rejected")
+    assert outcomes == ["rejected"] * 5 + ["accepted"] * 7
 
 
 def test_an_absolute_clip_norm_holds_from_the_first_update_and_the_smaller_bound_wins() -> None:
@@ -411,14 +425,15 @@ def test_the_ledger_keeps_norms_and_scales_across_a_restart(tmp_path: Path) -> N
     for seq in range(6):
         ledger.accept("d", seq, version=1, staleness=0, num_samples=1, payload=b"x",
                       norm=float(seq), scale=1.0 if seq % 2 else 0.5)
-    ledger.reject("d", 6, NORM_OUTLIER)
+    ledger.reject("d", 6, NORM_OUTLIER, norm=60.0)
+    ledger.reject("d", 8, "future-base")  # not screened: no norm
     ledger.folded_into(1)  # payloads are dropped, norms stay
     ledger.accept("d", 7, version=2, staleness=0, num_samples=1, payload=b"y", norm=7.0,
                   scale=0.25)
     ledger.close()
     again = Ledger(path)
-    assert again.recent_norms(4) == [3.0, 4.0, 5.0, 7.0]
-    assert again.recent_norms(100) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0]
+    assert again.recent_norms(4) == [4.0, 5.0, 60.0, 7.0]
+    assert again.recent_norms(100) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 60.0, 7.0]
     [row] = again.buffered()
     assert (row.seq, row.norm, row.scale) == (7, 7.0, 0.25)
 
