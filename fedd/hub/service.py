@@ -223,7 +223,7 @@ class HubCore:
     def _screen(self, decoded: dict[str, Decoded]) -> robust.Verdict:
         """The update's norm against the fleet's recent ones: its clip scale, or Rejected."""
         try:
-            return self.screen.check(decoded)
+            return self.screen.check(decoded, model=self.current.parts)
         except robust.Outlier as exc:
             raise Rejected(exc.reason, str(exc), norm=exc.norm) from None
 

@@ -389,7 +389,11 @@ def test_a_crash_between_saving_a_version_and_marking_its_updates(
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_overflowing_updates_never_make_an_unloadable_version(
-        core: HubCore, config: HubConfig, spec: ModelSpec, ledger_path: Path) -> None:
+        tmp_path: Path, spec: ModelSpec, ledger_path: Path) -> None:
+    # Without the norm screen, which would refuse them first (norm-outlier).
+    config = dataclasses.replace(hub_config(tmp_path), robust=RobustConfig(
+        clip_multiple=None, reject_multiple=None))
+    core = HubCore(config, spec, ModelStore(tmp_path / "models"), Ledger(ledger_path))
     huge = {name: np.full(n, np.finfo(np.float32).max, np.float32)
             for name, n in spec.parts.items()}
     seq = 0
@@ -409,11 +413,11 @@ def test_overflowing_updates_never_make_an_unloadable_version(
 def test_a_body_only_update_moves_only_the_body(core: HubCore, spec: ModelSpec) -> None:
     """FedPer/FedRep devices share the body alone; the global head stays as it was."""
     before = {name: values.copy() for name, values in core.current.parts.items()}
-    body = np.full(spec.parts["body"], 0.5, np.float32)
+    body = np.full(spec.parts["body"], 0.05, np.float32)
     for device in ("dev-1", "dev-2"):
         core.receive(topic(device), payload(spec, device=device, parts={"body": body}))
     model = core.next_version()
-    np.testing.assert_allclose(model.parts["body"], before["body"] + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(model.parts["body"], before["body"] + 0.05, rtol=1e-5)
     np.testing.assert_array_equal(model.parts["head"], before["head"])
 
 
@@ -489,10 +493,13 @@ def test_a_norm_outlier_is_rejected_counted_and_acknowledged(
     robust = core.status()["robust"]
     assert (robust["checked"], robust["rejected"], robust["history"]) == (5, 1, 5)  # type: ignore[index]
     assert core.ledger.recent_norms(10)[-1] == pytest.approx(update_norm(scaled(spec, 7, 100.0)))
-    # Before the warm-up the same update would have been accepted (and clipped by nothing).
+    # While warming up, no update may outgrow the model (norm 11.4) it is added to.
     fresh = robust_core(tmp_path / "fresh", spec, warmup=4, norm_history=10)
-    assert send(fresh, spec, device="evil", seq=0, parts=scaled(spec, 7, 100.0)).outcome == (
-        "accepted")
+    assert send(fresh, spec, device="evil", seq=0, parts=scaled(spec, 7, 100.0)) == Receipt(
+        "evil", 0, "rejected", "norm-outlier")
+    assert send(fresh, spec, device="evil", seq=1, parts=scaled(spec, 7, 10.0)).outcome == (
+        "accepted")  # norm 9.2
+    assert fresh.status()["robust"]["clipped"] == 0  # type: ignore[index]
 
 
 def test_an_update_above_the_clip_bound_is_folded_scaled_onto_it(
@@ -549,3 +556,12 @@ def test_reloading_another_rule_refolds_the_buffer(tmp_path: Path, spec: ModelSp
         median = np.median([d[name] for d in deltas], axis=0)
         np.testing.assert_allclose(v1.parts[name], v0.parts[name] + median, rtol=1e-6,
                                    atol=1e-7)
+
+
+def test_huge_updates_are_norm_outliers_from_the_first_one(core: HubCore,
+                                                         spec: ModelSpec) -> None:
+    huge = {name: np.full(n, np.finfo(np.float32).max, np.float32)
+            for name, n in spec.parts.items()}
+    for seq in range(3):
+        assert send(core, spec, device="evil", seq=seq, parts=huge).reason == "norm-outlier"
+    assert len(core.buffer) == 0

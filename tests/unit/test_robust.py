@@ -192,6 +192,27 @@ def test_a_fleet_whose_norms_all_grew_is_accepted_again_after_half_the_history()
     assert outcomes == ["rejected"] * 5 + ["accepted"] * 7
 
 
+MODEL = {"body": np.array([3.0, 4.0], np.float32), "head": np.array([12.0], np.float32)}
+
+
+def test_while_warming_up_no_update_may_outgrow_the_model() -> None:
+    s = screen()
+    with pytest.raises(Outlier, match="the model's own norm, while 0 of 3"):
+        s.check(vector(5.5), model=MODEL)  # the body's own norm is 5: same parts only
+    assert s.check(vector(4.5), model=MODEL).scale == 1.0
+    assert s.check({**vector(4.0), "head": np.array([9.0])}, model=MODEL).scale == 1.0
+    clip_only = screen(reject_multiple=None)
+    verdict = clip_only.check(vector(10.0), model=MODEL)
+    assert verdict.bound == pytest.approx(5.0) and verdict.scale == pytest.approx(0.5)
+    neither = screen(reject_multiple=None, clip_multiple=None)
+    assert neither.check(vector(1e6), model=MODEL).scale == 1.0
+    zero = {"body": np.zeros(2, np.float32)}
+    assert s.check(vector(1e6), model=zero).scale == 1.0  # norm 0: no bound
+    admit_all(s, [1.0, 1.0, 1.0])
+    verdict = s.check(vector(4.5), model=MODEL)  # warm: the median rules, not the model
+    assert verdict.median == pytest.approx(1.0) and verdict.bound == pytest.approx(2.0)
+
+
 def test_an_absolute_clip_norm_holds_from_the_first_update_and_the_smaller_bound_wins() -> None:
     s = screen(clip_norm=3.0)
     assert s.check(vector(6.0)).scale == pytest.approx(0.5)  # warming up: clip_norm only
