@@ -328,12 +328,20 @@ class _Device:
     def adopt(self, model: GlobalModel) -> None:
         """What the daemon does with a new version: apply it and re-personalize."""
         self.learner.apply_global(model)
+        self._personalize()
+
+    def _personalize(self) -> None:
+        """Re-personalize; one that diverged (on a wrecked global model) is undone, so the
+        device keeps its last finite personal parts."""
+        before = dict(self.learner.personal)
         self.learner.personalize(self.data.x, self.data.y)
+        if not all(np.isfinite(values).all() for values in self.learner.personal.values()):
+            self.learner.personal = before
 
     def round(self) -> tuple[dict[str, np.ndarray], int, int]:
         """What the daemon's trainer does: a local round, then personalize."""
         result = self.learner.local_round(self.data.x, self.data.y)
-        self.learner.personalize(self.data.x, self.data.y)
+        self._personalize()
         delta = result.delta
         if self.factor != 1.0:
             delta = {name: (self.factor * values).astype(np.float32)
