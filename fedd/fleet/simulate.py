@@ -59,6 +59,7 @@ __all__ = ["Attack", "DeviceData", "PersonResult", "SimOptions", "SimResult", "l
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
 WINDOW, STEP = 128, 64
 NUM_CLASSES = len(hapt.ACTIVITIES)
+ASYNC_STALL = 3  # async runs end after this many times rounds x per_round local rounds
 
 
 # ---------------------------------------------------------------- data
@@ -408,7 +409,10 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
         running: list[tuple[float, int, tuple[dict[str, np.ndarray], int, int]]] = []
         for i, device in enumerate(devices):
             heapq.heappush(running, (duration(i), i, device.round()))
-        while (hub.current.version < options.rounds if shares else local_rounds < budget):
+        # A fleet whose every update is refused (a wrecked model) makes no versions:
+        # it stops after ASYNC_STALL x the rounds a working one needs.
+        while (hub.current.version < options.rounds and local_rounds < ASYNC_STALL * budget
+               if shares else local_rounds < budget):
             clock, i, (delta, samples, base) = heapq.heappop(running)
             local_rounds += 1
             if delta:

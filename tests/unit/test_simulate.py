@@ -117,6 +117,15 @@ def test_attackers_scale_their_updates_and_the_screen_refuses_them(
     assert again.options.robust == RobustConfig(warmup=1)
 
 
+def test_an_async_fleet_that_stops_making_versions_ends() -> None:
+    """A x1e12 update wrecks the plain mean; every later update is non-finite."""
+    result = simulate(dataclasses.replace(SHORT, mode="async",
+                                          attack=Attack(factor=1e12, devices=1)))
+    assert result.versions < SHORT.rounds
+    assert result.local_rounds == 3 * SHORT.rounds * SHORT.per_round
+    assert result.updates_invalid > result.updates_folded
+
+
 def test_a_robust_rule_runs_in_the_simulation() -> None:
     result = simulate(dataclasses.replace(SHORT, rounds=4, per_round=3,
                                           robust=RobustConfig(rule="median")))
