@@ -279,7 +279,7 @@ class HubService:
         self._next_challenge_check = 0.0
 
     def reload(self, config: HubConfig) -> None:
-        """Apply aggregation, limits and log level; the rest needs a restart."""
+        """Apply aggregation, robust, limits and log level; the rest needs a restart."""
         fixed = ("fleet", "state_dir", "share_group", "broker", "model", "trust")
         changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
         if changed:
