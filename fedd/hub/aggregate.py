@@ -71,9 +71,15 @@ class Flushed:
     mean_staleness: float
 
 
+def is_addable(part: object) -> bool:
+    """isinstance(part, Addable), at the cost of one attribute lookup (a runtime
+    protocol check costs ~30 µs on Python 3.11, per part and per update)."""
+    return hasattr(part, "add_to")
+
+
 def part_length(part: np.ndarray | Addable) -> int:
     """The length of a part's vector, dense or `Addable`."""
-    return part.length if isinstance(part, Addable) else len(part)
+    return part.length if is_addable(part) else len(part)
 
 
 class Reducer(ABC):
@@ -120,8 +126,8 @@ class Mean(Reducer):
             acc = self._sums.get(name)
             if acc is None:
                 acc = self._sums[name] = np.zeros(part_length(values), np.float64)
-            if isinstance(values, Addable):
-                values.add_to(acc, weight)
+            if is_addable(values):
+                values.add_to(acc, weight)  # type: ignore[union-attr]
             else:
                 acc += weight * np.asarray(values, dtype=np.float64)
             self._samples[name] = self._samples.get(name, 0) + num_samples

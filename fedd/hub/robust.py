@@ -47,6 +47,7 @@ devices' norms is itself data about them).
 
 from __future__ import annotations
 
+import bisect
 import math
 from abc import abstractmethod
 from collections import deque
@@ -56,7 +57,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedd.hub.aggregate import Addable, Mean, Reducer
+from fedd.hub.aggregate import Addable, Mean, Reducer, is_addable
 
 if TYPE_CHECKING:
     from fedd.config import RobustConfig
@@ -79,7 +80,7 @@ def update_norm(delta: Mapping[str, np.ndarray | Addable]) -> float:
     """
     total = 0.0
     for part in delta.values():
-        values = part.values if isinstance(part, Addable) else np.asarray(part)
+        values = part.values if is_addable(part) else np.asarray(part)  # type: ignore[union-attr]
         values = values.reshape(-1)
         total += float(np.einsum("i,i->", values, values, dtype=np.float64))
     return math.sqrt(total)
@@ -105,7 +106,8 @@ class NormTracker:
     """The last `size` norms, and their median once `warmup` of them are in."""
 
     def __init__(self, *, size: int, warmup: int, norms: Iterable[float] = ()) -> None:
-        self._norms: deque[float] = deque(maxlen=1)
+        self._norms: deque[float] = deque(maxlen=1)  # in arrival order
+        self._sorted: list[float] = []  # the same, sorted: the median in O(1)
         self.resize(size=size, warmup=warmup)
         for norm in norms:
             self.add(norm)
@@ -115,10 +117,15 @@ class NormTracker:
         if not 1 <= warmup <= size:
             raise ValueError(f"need 1 <= warmup ({warmup}) <= size ({size})")
         self._norms = deque(self._norms, maxlen=size)
+        self._sorted = sorted(self._norms)
         self.size, self.warmup = size, warmup
 
     def add(self, norm: float) -> None:
-        self._norms.append(_check_norm(norm))
+        norm = _check_norm(norm)
+        if len(self._norms) == self.size:  # the oldest leaves
+            del self._sorted[bisect.bisect_left(self._sorted, self._norms[0])]
+        self._norms.append(norm)
+        bisect.insort(self._sorted, norm)
 
     def __len__(self) -> int:
         return len(self._norms)
@@ -130,9 +137,11 @@ class NormTracker:
 
     def median(self) -> float | None:
         """The median of the history, or None while warming up (or if it is 0)."""
-        if len(self._norms) < self.warmup:
+        n = len(self._sorted)
+        if n < self.warmup:
             return None
-        median = float(np.median(np.fromiter(self._norms, np.float64, len(self._norms))))
+        middle = self._sorted[n // 2]
+        median = middle if n % 2 else (self._sorted[n // 2 - 1] + middle) / 2
         return median if median > 0 else None
 
 
@@ -315,9 +324,9 @@ class CoordinateWise(Reducer):
             coefficient: float) -> None:
         rows = {}
         for name, part in delta.items():
-            if isinstance(part, Addable):
-                row = np.zeros(part.length, np.float32)
-                part.add_to(row, coefficient)
+            if is_addable(part):
+                row = np.zeros(part.length, np.float32)  # type: ignore[union-attr]
+                part.add_to(row, coefficient)  # type: ignore[union-attr]
             else:
                 row = np.multiply(np.asarray(part), coefficient, dtype=np.float32)
             rows[name] = row

@@ -103,6 +103,18 @@ def test_tracker_warms_up_then_gives_the_median_of_the_last_norms() -> None:
     assert tracker.norms == [100.0, 3.0, 5.0, 7.0] and tracker.median() == 6.0
 
 
+def test_tracker_median_equals_numpys_over_the_window() -> None:
+    norms = np.round(np.random.default_rng(12).lognormal(0, 1, 400), 2)  # with ties
+    tracker = NormTracker(size=37, warmup=1)
+    for i, norm in enumerate(norms):
+        if i == 200:
+            tracker.resize(size=20, warmup=1)
+        tracker.add(norm)
+        window = norms[max(0, i + 1 - (37 if i < 200 else 20)):i + 1]
+        assert tracker.norms == list(window)
+        assert tracker.median() == float(np.median(window))
+
+
 def test_tracker_resize_keeps_the_newest() -> None:
     tracker = NormTracker(size=5, warmup=1, norms=[1, 2, 3, 4, 5])
     tracker.resize(size=2, warmup=2)
