@@ -89,6 +89,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"hub           version {status['version']} ({status['digest'][:16]}…)")
         print(f"buffered      {status['buffered']} updates")
         print(f"accepted      {status['accepted']}   rejected {status['rejected'] or 'none'}")
+        if robust := status.get("robust"):  # fedd.hub.robust's measurements
+            median = robust["median_norm"]
+            print(f"robust        rule {robust['rule']}, median norm "
+                  f"{'warming up' if median is None else f'{median:.4g}'}, "
+                  f"{robust['clipped']} clipped, {robust['rejected']} norm outliers")
         print(f"devices       {status['devices']}   (written {_age(now - status['time'])})")
         return EXIT_OK
     last = status.get("last_update")

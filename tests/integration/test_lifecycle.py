@@ -166,6 +166,7 @@ def test_fedd_status_reports_a_stopped_agent_and_hub(notified_run, fedd_cli, tmp
     hub = fedd_cli("status", "--state-dir", str(notified_run.hub_state))
     assert hub.returncode == 0, hub.stderr
     assert re.search(r"^hub +version \d+", hub.stdout, re.M)
+    assert re.search(r"^robust +rule mean, median norm ", hub.stdout, re.M)
 
     empty = fedd_cli("status", "--state-dir", str(tmp_path))
     assert empty.returncode == 3
