@@ -151,7 +151,7 @@ class HubCore:
         """Record and fold one update, or record why not; the receipt is its acknowledgement.
 
         Raises Rejected (counted) only for a payload without a readable
-        (device, seq): that one cannot be acknowledged.
+        (device, seq): the service acknowledges that one by its digest.
         """
         device = topics.device_of(topic)
         limit = self.config.limits.max_update_bytes
