@@ -13,13 +13,14 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedd import durable
 
 CACHE_KIB = 512
 SCHEMA = """
@@ -46,12 +47,9 @@ class Outgoing:
 class AgentStore:
     def __init__(self, path: str | Path, *, input_shape: tuple[int, ...]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.input_shape = tuple(input_shape)  # one model input: features or a raw window
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = durable.connect(self.path)
         # A few hundred KiB of page cache is plenty for append-mostly tables on a Pi.
         self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.executescript(SCHEMA)
@@ -179,14 +177,5 @@ class AgentStore:
     def outbox_bytes(self) -> int:
         return int(self._query("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM outbox")[0][0])
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT under the lock, or ROLLBACK on error."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return durable.transaction(self._db, self._lock)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedd import durable
 
 BUFFERED = "buffered"  # accepted, in the aggregation buffer, payload kept
 FOLDED = "folded"  # accepted and part of `version`
@@ -74,12 +75,8 @@ class Buffered:
 
 class Ledger:
     def __init__(self, path: str | Path) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = durable.connect(path)
         self._db.executescript(SCHEMA)
         have = {row[1] for row in self._db.execute("PRAGMA table_info(updates)")}
         for name, kind in ADDED_COLUMNS.items():
@@ -90,16 +87,8 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return durable.transaction(self._db, self._lock)
 
     def lookup(self, device: str, seq: int) -> Record | None:
         """The recorded outcome of (device, seq), or None if it is new.
