@@ -99,6 +99,16 @@ def _exact_keys(obj: Any, expected: set[str], what: str) -> dict[str, Any]:
     return obj
 
 
+def load_json(payload: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Untrusted JSON, bounded before it is parsed (too-large, not-json)."""
+    if len(payload) > max_bytes:
+        raise WireError("too-large", f"{what} of {len(payload)} bytes")
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError("not-json", str(exc) or type(exc).__name__) from None
+
+
 def _load_cbor(payload: bytes, max_bytes: int, what: str, keys: set[str]) -> dict[str, Any]:
     """One definite-length CBOR map, no duplicate keys, nothing after it.
 
@@ -418,12 +428,7 @@ class Heartbeat:
 
     @classmethod
     def decode(cls, payload: bytes) -> Heartbeat:
-        if len(payload) > MAX_JSON_BYTES:
-            raise WireError("too-large", f"heartbeat of {len(payload)} bytes")
-        try:
-            obj = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise WireError("not-json", str(exc) or type(exc).__name__) from None
+        obj = load_json(payload, "heartbeat")
         if isinstance(obj, dict) and obj.get("format") != HEARTBEAT_FORMAT:
             raise WireError("unknown-format", f"heartbeat format {obj.get('format')!r}")
         return _from_json(cls, obj, "heartbeat")
@@ -498,13 +503,7 @@ class Ack:
 
     @classmethod
     def decode(cls, payload: bytes) -> Ack:
-        if len(payload) > MAX_JSON_BYTES:
-            raise WireError("too-large", f"ack of {len(payload)} bytes")
-        try:
-            obj = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise WireError("not-json", str(exc) or type(exc).__name__) from None
-        obj = _exact_keys(obj, {f.name for f in fields(cls)}, "ack")
+        obj = _exact_keys(load_json(payload, "ack"), {f.name for f in fields(cls)}, "ack")
         if not isinstance(obj["duplicate"], bool):
             raise WireError("bad-field", "ack.duplicate is not a boolean")
         if obj["outcome"] not in ACK_OUTCOMES:

@@ -28,7 +28,7 @@ from typing import Any
 import cbor2
 
 from fedd.trust.quote import AttestationFormatError, NoTpm, Quote
-from fedd.wire import WireError
+from fedd.wire import WireError, load_json
 
 MAX_ATTEST_JSON = 8 * 1024
 MAX_DETAIL_CHARS = 512
@@ -39,12 +39,7 @@ ENVELOPE_FIRST_BYTE = 0x82  # CBOR: an array of two items
 
 
 def _json(payload: bytes, what: str) -> dict[str, Any]:
-    if len(payload) > MAX_ATTEST_JSON:
-        raise WireError("too-large", f"{what} of {len(payload)} bytes")
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise WireError("not-json", str(exc) or type(exc).__name__) from None
+    obj = load_json(payload, what, MAX_ATTEST_JSON)
     if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str):
         raise WireError("not-a-map", f"{what} is not an object with a kind")
     return obj
