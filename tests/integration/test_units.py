@@ -54,6 +54,7 @@ OPEN_ON_PURPOSE = {
         "IPAddressDeny=",
         "RootDirectory=/RootImage=",
         "DeviceAllow=",  # only ProtectClock's char-rtc r
+        "ProcSubset=",  # LiteRT's XNNPACK reads /proc/cpuinfo
         "UMask=",
     },
 }
