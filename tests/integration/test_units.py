@@ -140,6 +140,30 @@ def test_verify_would_catch_a_misspelt_directive(scratch_root):
     assert "Unknown key 'WatchdogSecs'" in result.stderr
 
 
+EXAMPLES = UNITS / "examples"
+
+
+@pytest.mark.parametrize("dropin", sorted(p.name for p in EXAMPLES.glob("*.conf")))
+def test_example_drop_ins_verify_and_keep_the_agent_ok(scratch_root, dropin):
+    folder = scratch_root / "etc/systemd/system/fedd.service.d"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(EXAMPLES / dropin, folder / dropin)
+    try:
+        result = analyze("verify", f"--root={scratch_root}", "--man=no", "fedd.service")
+        assert (result.returncode, result.stderr) == (0, "")
+        rated = analyze("security", "--offline=true", f"--root={scratch_root}", "fedd.service")
+        score = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)",
+                                rated.stdout).group(1))
+        print(f"fedd.service + {dropin}: exposure {score}")
+        assert score <= EXPOSURE_LIMIT
+        stated = re.search(r"Exposure with (?:this drop-in|it): (\d+\.\d+)",
+                           (EXAMPLES / dropin).read_text())
+        if stated:
+            assert float(stated.group(1)) == score, "the drop-in's comment says otherwise"
+    finally:
+        (folder / dropin).unlink()
+
+
 def exposure(unit: str) -> tuple[float, dict[str, dict]]:
     text = analyze("security", "--offline=true", str(UNITS / unit))
     assert text.returncode == 0, text.stderr
