@@ -210,7 +210,9 @@ def test_the_agent_package_carries_what_debian_12_lacks(debs):
                  "./usr/share/fedd/models/manifest.json", "./usr/share/fedd/models/har-mlp.tflite",
                  "./usr/share/fedd/mosquitto/fedd-acl.in",
                  "./usr/share/fedd/mosquitto/fedd-broker.conf.in",
-                 "./usr/share/man/man1/fedd.1.gz", "./usr/share/doc/fedd/operations.md"):
+                 "./usr/share/man/man1/fedd.1.gz", "./usr/share/doc/fedd/operations.md",
+                 "./usr/share/doc/fedd/examples/iio-buffered.conf",
+                 "./usr/share/doc/fedd/examples/60-fedd-iio.rules"):
         assert path in listing, path
     assert "/pip/" not in listing and "__pycache__" not in listing
     conffiles = run(["dpkg-deb", "-I", str(debs["fedd"]), "conffiles"]).stdout.split()
