@@ -14,12 +14,12 @@ from fedd import __version__
 from fedd.config import (
     EXIT_CONFIG_INVALID,
     ConfigError,
+    UnusableFileError,
     load_agent_config,
     load_config,
     load_hub_config,
 )
 from fedd.datasets.hapt import DatasetError
-from fedd.link import TlsSetupError
 from fedd.model import ModelError
 
 EXIT_OK = 0
@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         return _config_error(exc)
-    except TlsSetupError as exc:  # broker.tls names files that cannot be used
-        print(f"fedd: invalid configuration: {args.config}: broker.tls: {exc}", file=sys.stderr)
+    except UnusableFileError as exc:  # e.g. broker.tls or trust.signing_key
+        print(f"fedd: invalid configuration: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_INVALID
     except (ModelError, DatasetError) as exc:
         print(f"fedd: {exc}", file=sys.stderr)

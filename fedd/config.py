@@ -29,6 +29,8 @@ __all__ = [
     "AggregationConfig",
     "BrokerConfig",
     "ConfigError",
+    "DeviceTrustConfig",
+    "FleetTrustConfig",
     "HeartbeatConfig",
     "HubConfig",
     "LedgerConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "StoreConfig",
     "TlsConfig",
     "TrainingConfig",
+    "UnusableFileError",
     "WindowConfig",
     "detect_role",
     "load_agent_config",
@@ -85,6 +88,13 @@ class ConfigError(Exception):
     def __str__(self) -> str:
         where = self.path if self.line is None else f"{self.path}:{self.line}"
         return ": ".join(p for p in (where, self.key, self.message) if p)
+
+
+class UnusableFileError(Exception):
+    """A file a valid config names (a key, a certificate) that cannot be used at start.
+
+    The message starts with the dotted key; daemons exit with EXIT_CONFIG_INVALID.
+    """
 
 
 def setting(default: Any = dataclasses.MISSING, **constraints: Any) -> Any:
@@ -350,6 +360,31 @@ class UplinkConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeviceTrustConfig:
+    """The device's side of attestation and update signing (docs/security.md)."""
+
+    # The TPM's TCTI, always explicit (e.g. "device:/dev/tpmrm0"); None: no TPM here,
+    # and the device answers every challenge with "no TPM" for the hub's policy to judge.
+    tcti: str | None = None
+    ak_handle: int = setting(0x81010002, min=0x81000000, max=0x817FFFFF)
+    pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 23)
+    # Reset this PCR and extend it with the digest of the agent's code and model at
+    # start (16 or 23, the ones locality 0 may reset); None: do not measure.
+    measure_pcr: int | None = 23
+    # The Ed25519 update key (scripts/enroll writes it); None: updates go unsigned.
+    signing_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pcrs or len(set(self.pcrs)) != len(self.pcrs) or not all(
+                0 <= p <= 23 for p in self.pcrs):
+            raise ValueError("pcrs must be distinct PCR indices 0-23")
+        if self.measure_pcr is not None and self.measure_pcr not in (16, 23):
+            raise ValueError("measure_pcr must be 16 or 23 (resettable at locality 0) or null")
+        if self.tcti is not None and not self.tcti.strip():
+            raise ValueError("tcti must name the TPM (e.g. device:/dev/tpmrm0) or be null")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """One device's ``fedd.yaml``."""
 
@@ -368,6 +403,7 @@ class AgentConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    trust: DeviceTrustConfig = field(default_factory=DeviceTrustConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -405,6 +441,28 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FleetTrustConfig:
+    """Which devices may shape the model: attestation policy and update signatures."""
+
+    # off: no attestation; prefer: untrusted devices' updates are folded but flagged;
+    # require: they are rejected with the reason.
+    mode: Literal["off", "prefer", "require"] = "off"
+    # Every update must carry a valid Ed25519 signature of its enrolled device.
+    require_signatures: bool = False
+    # One <device_id>.json per enrolled device (scripts/enroll register).
+    enrollments: str = "/var/lib/fedd-hub/enrollments"
+    # Allowed PCR values per device class (docs/security.md); required unless mode is off.
+    pcr_policy: str | None = None
+    # A passed challenge trusts the device this long; it is challenged again before.
+    window_s: float = setting(86400.0, min=60, max=30 * 86400)
+    nonce_ttl_s: float = setting(60.0, min=1, max=3600)
+
+    def __post_init__(self) -> None:
+        if self.mode != "off" and self.pcr_policy is None:
+            raise ValueError(f"mode {self.mode} needs a pcr_policy file")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HubConfig:
     """The hub's ``hub.yaml``."""
 
@@ -417,6 +475,7 @@ class HubConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    trust: FleetTrustConfig = field(default_factory=FleetTrustConfig)
 
 
 # ---------------------------------------------------------------- loading

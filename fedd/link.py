@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedd.config import BrokerConfig
+from fedd.config import BrokerConfig, UnusableFileError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class LinkError(Exception):
     """Base of the link's errors."""
 
 
-class TlsSetupError(LinkError):
+class TlsSetupError(LinkError, UnusableFileError):
     """The configured CA, certificate or key cannot be loaded: a configuration error."""
 
 
@@ -168,7 +168,7 @@ class Link:
                                      keyfile=tls.key_file, cert_reqs=ssl.CERT_REQUIRED,
                                      tls_version=ssl.PROTOCOL_TLS_CLIENT)
             except (OSError, ssl.SSLError) as exc:
-                raise TlsSetupError(f"cannot load the TLS files ({tls.ca_file}, "
+                raise TlsSetupError(f"broker.tls: cannot load the TLS files ({tls.ca_file}, "
                                     f"{tls.cert_file}, {tls.key_file}): {exc}") from None
         if will:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)

@@ -39,6 +39,24 @@ def status(fleet: str, device: str) -> str:
     return f"{ROOT}/{fleet}/status/{device}"
 
 
+def statuses(fleet: str) -> str:
+    return f"{ROOT}/{fleet}/status/+"
+
+
+def attest(fleet: str, device: str) -> str:
+    """Device → hub: a request for a challenge, or a TPM quote answering one."""
+    return f"{ROOT}/{fleet}/attest/{device}"
+
+
+def attests(fleet: str) -> str:
+    return f"{ROOT}/{fleet}/attest/+"
+
+
+def attest_nonce(fleet: str, device: str) -> str:
+    """Hub → device: a fresh nonce to quote over, or the verdict on the last quote."""
+    return f"{ROOT}/{fleet}/attest/{device}/nonce"
+
+
 def device_of(topic: str) -> str:
     """The device id that ends a per-device topic."""
     return topic.rsplit("/", 1)[-1]

@@ -408,6 +408,9 @@ class Heartbeat:
     runs_24h: int = 0  # training runs in the last 24 h (scheduler budget)
     software: str = ""  # the agent's fedd version
     model: str = ""  # the model it runs (manifest name)
+    trusted: bool | None = None  # the hub's last attestation verdict; None: none yet
+    trust_reason: str | None = None  # why not trusted (a fedd.trust.reasons code)
+    trusted_until: float | None = None
     format: int = HEARTBEAT_FORMAT
 
     def encode(self) -> bytes:
@@ -430,6 +433,7 @@ _JSON_KINDS: dict[str, tuple[type, ...]] = {
     "str": (str,), "float": (int, float), "int": (int,), "bool": (bool,),
     "bool | None": (bool, type(None)),
     "int | None": (int, type(None)), "float | None": (int, float, type(None)),
+    "str | None": (str, type(None)),
     "Evaluation | None": (dict, type(None)),
     "Drift | None": (dict, type(None)),
 }
@@ -460,17 +464,29 @@ ACK_OUTCOMES = (ACK_ACCEPTED, ACK_REJECTED)
 REASON = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 
 
+DIGEST_HEX = re.compile(r"^[0-9a-f]{32}$")
+
+
+def payload_digest(payload: bytes) -> str:
+    """What an ack names an update by when its seq cannot be read: 128 bits of sha256."""
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class Ack:
-    """Hub → device: what became of update `seq`; the agent drops it from its outbox.
+    """Hub → device: what became of one update; the agent drops it from its outbox.
 
+    The update is named by `seq`, or, when the hub could not read its seq
+    (an update it cannot decode), by `digest` alone (`payload_digest` of the
+    bytes as published): a device must not resend forever what no hub reads.
     `duplicate` says the hub had already recorded this seq (a resend after a
     lost acknowledgement); the outcome is then the recorded one, and nothing
     was folded twice. `version` is the hub's current global version.
     """
 
     device: str
-    seq: int
+    seq: int | None
+    digest: str
     outcome: str
     reason: str | None
     duplicate: bool
@@ -497,7 +513,12 @@ class Ack:
         well_formed = reason is None or (isinstance(reason, str) and REASON.fullmatch(reason))
         if not well_formed or (reason is None) != (obj["outcome"] == ACK_ACCEPTED):
             raise WireError("bad-field", f"ack.reason {reason!r} does not fit its outcome")
-        return cls(device=_identifier(obj, "device"), seq=_count(obj, "seq"),
+        if not isinstance(obj["digest"], str) or not DIGEST_HEX.fullmatch(obj["digest"]):
+            raise WireError("bad-field", "ack.digest is not 32 lowercase hex digits")
+        seq = None if obj["seq"] is None else _count(obj, "seq")
+        if seq is None and obj["outcome"] == ACK_ACCEPTED:
+            raise WireError("bad-field", "an accepted update's ack names its seq")
+        return cls(device=_identifier(obj, "device"), seq=seq, digest=obj["digest"],
                    outcome=obj["outcome"], reason=reason, duplicate=obj["duplicate"],
                    version=_count(obj, "version"), time=_finite(obj, "time"))
 

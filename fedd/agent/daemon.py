@@ -31,6 +31,7 @@ import numpy as np
 import psutil
 
 from fedd import __version__, topics
+from fedd.agent.attestation import DeviceTrust
 from fedd.agent.budget import HourlyWindow, allowance, choose_level
 from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
 from fedd.agent.drift import DriftMonitor, DriftScore
@@ -46,6 +47,7 @@ from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
 from fedd.model import ModelError, ModelSpec, TrainableModel
 from fedd.pipeline import Pipeline
 from fedd.service import Notifier
+from fedd.trust.messages import Hello, TrustVerdict, decode_from_hub
 from fedd.wire import (
     ACK_ACCEPTED,
     ACK_REJECTED,
@@ -61,6 +63,7 @@ from fedd.wire import (
     WireError,
     encode_deltas,
     fold_deltas,
+    payload_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ RETENTION_EVERY = 64
 REPORT_TICK_S = 0.5  # how soon "online" follows a (re)connect
 SCHEDULER_RECHECK_S = 60.0  # re-read the device at least this often while deferred
 GOODPUT_ALPHA = 0.3  # weight of the newest acknowledged publish in the goodput EWMA
+PUBLISH_TIMEOUT_S = 30.0  # an update's PUBLISH must be acknowledged by the broker in this
+LINK_SHARE = 0.5  # of that time an update may take at the measured goodput
 RESIDUAL_PREFIX = "residual_"  # + a part name: that part's error-feedback residual (store)
 
 
@@ -99,6 +104,7 @@ class Agent:
         if carried:
             log.info("uplink %s; error-feedback residuals carried: %s", self.uplink.spec,
                      ", ".join(f"{name} |r|={norm:.6g}" for name, norm in sorted(carried.items())))
+        self.trust = DeviceTrust(config.trust, config.device_id, self.spec.path)
         self.delegate = choose_delegate(config.inference.delegates)
         self.learner = Learner(self._load_model(), config.training,
                                strategy=config.training.strategy,
@@ -200,7 +206,7 @@ class Agent:
     def reload(self, config: AgentConfig) -> None:
         """Apply training, store and heartbeat settings; others need a restart."""
         fixed = ("device_id", "fleet", "state_dir", "broker", "model", "sensor", "window",
-                 "inference")
+                 "inference", "trust")
         changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
         if changed:
             log.warning("reload: %s change(s) need a restart; applying the rest",
@@ -234,7 +240,9 @@ class Agent:
         self._link = Link.from_config(
             cfg.broker, f"fedd-{cfg.device_id}", will=Will(status_topic, offline),
             subscriptions=[(topics.model_current(cfg.fleet), 1),
-                           (topics.ack(cfg.fleet, cfg.device_id), 1)])
+                           (topics.ack(cfg.fleet, cfg.device_id), 1),
+                           (topics.attest_nonce(cfg.fleet, cfg.device_id), 1)])
+        await self._in_worker(self.trust.measure)  # before any quote can be asked for
         async with self._link as link:
             self.notifier.ready()
             log.info("agent %s up: model %s, %d windows stored, %d updates queued",
@@ -304,9 +312,13 @@ class Agent:
     async def _listen(self) -> None:
         assert self._link is not None
         ack_topic = topics.ack(self.config.fleet, self.config.device_id)
+        attest_topic = topics.attest_nonce(self.config.fleet, self.config.device_id)
         async for message in self._link.messages():
             if message.topic == ack_topic:
                 self._on_ack(message.payload)
+                continue
+            if message.topic == attest_topic:
+                await self._on_hub_attest(message.payload)
                 continue
             try:
                 model = GlobalModel.decode(message.payload, max_bytes=MAX_MODEL_BYTES)
@@ -333,6 +345,22 @@ class Agent:
                      model.contributors)
             self._wake_trainer.set()
             await self._heartbeat()
+
+    async def _on_hub_attest(self, payload: bytes) -> None:
+        """A challenge gets a quote (or why there is none); a verdict is recorded."""
+        assert self._link is not None
+        try:
+            message = decode_from_hub(payload)
+        except WireError as exc:
+            log.warning("ignored an attestation message: %s", exc)
+            return
+        if isinstance(message, TrustVerdict):
+            self.trust.record(message)
+            return
+        answer = await self._in_worker(self.trust.answer, message)
+        with contextlib.suppress(LinkDown, PublishRejected):
+            await self._link.publish(topics.attest(self.config.fleet, self.config.device_id),
+                                     answer, qos=1)
 
     def _adopt(self, model: GlobalModel) -> None:
         """Apply a global version, re-fit the personal head and score both (worker)."""
@@ -451,7 +479,9 @@ class Agent:
         # The `local` strategy shares nothing, and a round the scheduler stopped part-way
         # is discarded (its delta would claim all the windows): nothing to send either way.
         shares = bool(result.delta) and run.stopped is None
-        seq = int(self.store.get("next_seq", 0)) if shares else None
+        # A fresh store starts at the clock in milliseconds: a device whose state was
+        # wiped never reuses a seq the hub has already settled (it would be a "resend").
+        seq = int(self.store.get("next_seq", time.time() * 1000)) if shares else None
         payload, residuals, sent_bytes, codec, budget = None, {}, None, self.uplink.spec, None
         if seq is not None:
             carried = {name: self.store.get(RESIDUAL_PREFIX + name) for name in result.delta}
@@ -461,11 +491,11 @@ class Agent:
             def size(pipeline: Pipeline) -> int:
                 # Every level starts from the SAME carried residual.
                 encoded = encode_deltas(pipeline, result.delta, carried)
-                data = ModelUpdate(device=self.config.device_id, seq=seq,
-                                   base_version=result.base_version, model=self.spec.name,
-                                   num_samples=result.num_samples, parts=encoded.payloads,
-                                   created=created, codec=pipeline.spec,
-                                   trigger=trigger).encode()
+                data = self.trust.sign(ModelUpdate(
+                    device=self.config.device_id, seq=seq, base_version=result.base_version,
+                    model=self.spec.name, num_samples=result.num_samples,
+                    parts=encoded.payloads, created=created, codec=pipeline.spec,
+                    trigger=trigger).encode())
                 encodings[pipeline.spec] = data, encoded.residuals
                 return publish_wire_bytes(topic, data, qos=1)
 
@@ -538,8 +568,18 @@ class Agent:
         limit = allowance(max_update_bytes=uplink.max_update_bytes,
                           bytes_per_hour=uplink.bytes_per_hour, used=used, queued=queued)
         if uplink.bytes_per_hour is None:
-            return limit, None if limit is None else f"budget: {limit:,} B per update"
-        return limit, f"budget: {used + queued:,}/{uplink.bytes_per_hour:,} B this hour"
+            note = None if limit is None else f"budget: {limit:,} B per update"
+        else:
+            note = f"budget: {used + queued:,}/{uplink.bytes_per_hour:,} B this hour"
+        # An update the link cannot carry before its publish times out would be sent
+        # again and again: keep it to what the measured goodput moves in half that time.
+        if self.goodput is not None:
+            carried = int(self.goodput * PUBLISH_TIMEOUT_S * LINK_SHARE)
+            if limit is None or carried < limit:
+                limit = carried
+                note = (f"link: {carried:,} B fit in {PUBLISH_TIMEOUT_S * LINK_SHARE:.0f} s at "
+                        f"{self.goodput:,.0f} B/s")
+        return limit, note
 
     # publisher
 
@@ -558,7 +598,7 @@ class Agent:
             started = time.monotonic()
             self._ack_arrived.clear()
             try:
-                await link.publish(item.topic, item.payload, qos=1)
+                await link.publish(item.topic, item.payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
             except LinkDown as exc:
                 log.info("update %d not taken by the broker (%s); will retry", item.seq, exc)
                 await asyncio.sleep(1.0)
@@ -602,12 +642,16 @@ class Agent:
         if ack.device != self.config.device_id:
             log.warning("ignored an acknowledgement for device %s", ack.device)
             return
-        if not self.store.holds(ack.seq):
-            log.debug("acknowledgement of update %d again (already settled)", ack.seq)
+        seq = ack.seq
+        if seq is None:  # an update the hub could not read, named by its bytes
+            seq = next((item.seq for item in self.store.outgoing()
+                        if payload_digest(item.payload) == ack.digest), None)
+        if seq is None or not self.store.holds(seq):
+            log.debug("acknowledgement of update %s again (already settled)", ack.seq)
             return
         if ack.outcome == ACK_REJECTED:
-            log.warning("hub rejected update %d: %s", ack.seq, ack.reason)
-        self._settle(ack.seq, ack.outcome, ack.reason, hub_version=ack.version)
+            log.warning("hub rejected update %d: %s", seq, ack.reason)
+        self._settle(seq, ack.outcome, ack.reason, hub_version=ack.version)
 
     def _settle(self, seq: int, outcome: str, reason: str | None, *,
                 hub_version: int | None = None) -> None:
@@ -634,6 +678,10 @@ class Agent:
                 with contextlib.suppress(LinkDown, PublishRejected):
                     await self._link.publish(status_topic, Status(
                         self.config.device_id, "online", time.time()).encode(), retain=True)
+                    # Ask for a challenge: trust is per hub run and per connection.
+                    await self._link.publish(topics.attest(self.config.fleet,
+                                                           self.config.device_id),
+                                             Hello().encode(), qos=1)
                     announced = self._link.connections
             if time.monotonic() >= next_beat:
                 await self._heartbeat()
@@ -643,7 +691,7 @@ class Agent:
             await asyncio.sleep(min(REPORT_TICK_S, self.config.heartbeat.interval_s))
 
     def heartbeat(self) -> Heartbeat:
-        link, readings = self._link, self.readings.read()
+        link, readings, verdict = self._link, self.readings.read(), self.trust.verdict
         hottest, budget = readings.hottest(), self.scheduler.budget(time.time())
         evaluation = None if self.evaluation is None else Evaluation(
             version=self.evaluation.version, windows=self.evaluation.windows,
@@ -679,7 +727,10 @@ class Agent:
             temperature_c=None if hottest is None else round(hottest.celsius, 1),
             battery_percent=readings.battery_percent, on_battery=readings.on_battery,
             cpu_s_hour=budget["cpu_s_hour"], runs_24h=budget["runs_24h"],
-            software=__version__, model=self.spec.name)
+            software=__version__, model=self.spec.name,
+            trusted=None if verdict is None else verdict.trusted,
+            trust_reason=None if verdict is None else verdict.reason,
+            trusted_until=None if verdict is None else verdict.until)
 
     async def _heartbeat(self) -> None:
         """Publish a heartbeat (QoS 0: the next one supersedes it) and the status."""

@@ -143,3 +143,15 @@ class Mosquitto:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would (fault tests); `start()` brings it back.
+
+        Mosquitto saves its persistence file only on a clean stop (or every
+        `autosave_interval`), so sessions and queued messages since the last
+        save die with it.
+        """
+        if self._process and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._process = None

@@ -26,17 +26,28 @@ from fedd.config import AggregationConfig, HubConfig
 from fedd.hub.aggregate import FedBuff, apply_delta
 from fedd.hub.ledger import REJECTED, Ledger
 from fedd.hub.models import ModelStore
+from fedd.hub.trust import FleetTrust, UpdateRefused
 from fedd.link import Link, LinkDown, PublishRejected
 from fedd.model import ModelSpec, TrainableModel
 from fedd.pipeline import Decoded, DecodeError
 from fedd.service import Notifier
-from fedd.wire import ACK_ACCEPTED, ACK_REJECTED, Ack, GlobalModel, ModelUpdate, WireError
+from fedd.trust.messages import unseal
+from fedd.wire import (
+    ACK_ACCEPTED,
+    ACK_REJECTED,
+    Ack,
+    GlobalModel,
+    ModelUpdate,
+    WireError,
+    payload_digest,
+)
 
 log = logging.getLogger(__name__)
 
 
 PAYLOAD_REASON_PREFIX = "payload-"  # + a fedd.pipeline.REASONS code: a part's payload
 ACK_PUBLISH_TIMEOUT_S = 5.0
+CHALLENGE_CHECK_S = 1.0
 
 
 class Rejected(Exception):
@@ -52,7 +63,7 @@ class Receipt:
     """What became of one update: the content of its acknowledgement."""
 
     device: str
-    seq: int
+    seq: int | None  # None: the update could not be read
     outcome: str  # wire.ACK_ACCEPTED or wire.ACK_REJECTED
     reason: str | None = None
     duplicate: bool = False
@@ -70,11 +81,12 @@ class HubCore:
     """Decode, verify and fold updates exactly once; cut new global versions."""
 
     def __init__(self, config: HubConfig, spec: ModelSpec, store: ModelStore,
-                 ledger: Ledger) -> None:
+                 ledger: Ledger, trust: FleetTrust | None = None) -> None:
         self.config = config
         self.spec = spec
         self.store = store
         self.ledger = ledger
+        self.trust = trust
         self.current = store.latest() or self._initial_version()
         self.buffer = FedBuff(**_rule(config.aggregation))
         self.accepted = 0
@@ -100,8 +112,8 @@ class HubCore:
         wall, mono = time.time(), time.monotonic()
         for row in self.ledger.buffered():
             try:
-                update = ModelUpdate.decode(row.payload,
-                                            max_bytes=self.config.limits.max_update_bytes)
+                body, _ = unseal(row.payload, max_body=self.config.limits.max_update_bytes)
+                update = ModelUpdate.decode(body, max_bytes=self.config.limits.max_update_bytes)
                 decoded = self._decode_parts(update)
             except (WireError, Rejected) as exc:
                 reason = getattr(exc, "reason", "internal-error")
@@ -126,11 +138,15 @@ class HubCore:
         (device, seq): that one cannot be acknowledged.
         """
         device = topics.device_of(topic)
+        limit = self.config.limits.max_update_bytes
         try:
-            update = ModelUpdate.decode(payload, max_bytes=self.config.limits.max_update_bytes)
-        except WireError as exc:
+            # The signature is checked before a byte of the body is parsed.
+            body = payload if self.trust is None else self.trust.open_update(device, payload,
+                                                                              limit)
+            update = ModelUpdate.decode(body, max_bytes=limit)
+        except (WireError, UpdateRefused) as exc:
             self.rejected[exc.reason] += 1
-            raise Rejected(exc.reason, exc.detail) from None
+            raise Rejected(exc.reason, str(exc)) from None
         record = self.ledger.lookup(device, update.seq)
         if record is not None:
             self.duplicates += 1
@@ -140,6 +156,11 @@ class HubCore:
         try:
             if update.device != device:
                 raise Rejected("device-mismatch", f"{update.device} published on {topic}")
+            if self.trust is not None:
+                decision = self.trust.decide(device, time.time())
+                if not decision.accept:
+                    raise Rejected(f"untrusted-{decision.reason}",
+                                   f"{device} is not trusted (trust.mode require)")
             staleness = self._staleness(update)
             decoded = self._decode_parts(update)
         except Rejected as exc:
@@ -206,6 +227,7 @@ class HubCore:
                 "buffered": len(self.buffer), "accepted": self.accepted,
                 "duplicates": self.duplicates, "rejected": dict(self.rejected),
                 "ledger": self.ledger.counts(), "devices": self.ledger.devices(),
+                "trust": None if self.trust is None else self.trust.status(time.time()),
                 "time": time.time()}
 
 
@@ -217,16 +239,20 @@ class HubService:
         self.notifier = notifier
         state = Path(config.state_dir)
         spec = ModelSpec.from_manifest(config.model.manifest, config.model.name)
+        trust = None
+        if config.trust.mode != "off" or config.trust.require_signatures:
+            trust = FleetTrust(config.trust)
         self.core = HubCore(config, spec, ModelStore(state / "models"),
-                            Ledger(state / "ledger.sqlite"))
+                            Ledger(state / "ledger.sqlite"), trust)
         self.status_path = state / "status.json"
         self._announced = (0, -1)  # (link connection count, version) last published
         self._status_written = 0.0
         self._status_dirty = True
+        self._next_challenge_check = 0.0
 
     def reload(self, config: HubConfig) -> None:
         """Apply aggregation, limits and log level; the rest needs a restart."""
-        fixed = ("fleet", "state_dir", "share_group", "broker", "model")
+        fixed = ("fleet", "state_dir", "share_group", "broker", "model", "trust")
         changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
         if changed:
             log.warning("reload: %s change(s) need a restart; applying the rest",
@@ -239,16 +265,22 @@ class HubService:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
+        subscriptions = [(topics.update_shared(cfg.fleet, cfg.share_group), 1)]
+        if cfg.trust.mode != "off":
+            subscriptions.append((topics.attests(cfg.fleet), 1))
         link = Link.from_config(cfg.broker, f"fedd-hub-{cfg.fleet}-{cfg.share_group}",
-                                subscriptions=[(topics.update_shared(cfg.fleet,
-                                                                     cfg.share_group), 1)])
+                                subscriptions=subscriptions)
+        attest_prefix = topics.attest(cfg.fleet, "")
         async with link:
             self.notifier.ready()
             log.info("hub for fleet %s at version %d", cfg.fleet, self.core.current.version)
             while not stop.is_set():
                 message = await link.next_message(timeout=0.2)
-                if message is not None:
+                if message is not None and message.topic.startswith(attest_prefix):
+                    await self._attest(link, message.topic, message.payload)
+                elif message is not None:
                     await self._receive(link, message.topic, message.payload)
+                await self._challenge(link)
                 if self.core.buffer.ready():
                     try:
                         model = self.core.next_version()
@@ -272,16 +304,18 @@ class HubService:
         try:
             receipt = self.core.receive(topic, payload)
         except Rejected as exc:
+            # No seq to name it by: the ack names the bytes, so the device stops resending.
             log.warning("rejected an unreadable update on %s: %s", topic, exc)
-            return
+            receipt = Receipt(topics.device_of(topic), None, ACK_REJECTED, exc.reason)
         except Exception:  # a decoder bug must cost one update, never the hub
             self.core.rejected["internal-error"] += 1
             log.exception("internal error on an update from %s; dropped it", topic)
-            return
+            receipt = Receipt(topics.device_of(topic), None, ACK_REJECTED, "internal-error")
         if receipt.outcome == ACK_ACCEPTED and not receipt.duplicate:
             log.debug("folded %s seq %d (staleness %d, weight %.1f)", receipt.device,
                       receipt.seq, receipt.staleness, receipt.weight)
-        ack = Ack(device=receipt.device, seq=receipt.seq, outcome=receipt.outcome,
+        ack = Ack(device=receipt.device, seq=receipt.seq, digest=payload_digest(payload),
+                  outcome=receipt.outcome,
                   reason=receipt.reason, duplicate=receipt.duplicate,
                   version=self.core.current.version, time=time.time())
         try:
@@ -289,7 +323,33 @@ class HubService:
                                qos=1, timeout=ACK_PUBLISH_TIMEOUT_S)
         except (LinkDown, PublishRejected) as exc:
             # The device sends the update again; the ledger makes that a duplicate.
-            log.info("could not acknowledge %s seq %d: %s", receipt.device, receipt.seq, exc)
+            log.info("could not acknowledge %s seq %s: %s", receipt.device, receipt.seq, exc)
+
+    async def _attest(self, link: Link, topic: str, payload: bytes) -> None:
+        """A device's hello or quote: answer with a challenge or the verdict."""
+        assert self.core.trust is not None
+        device = topics.device_of(topic)
+        reply = self.core.trust.on_attest(device, payload)
+        if reply is not None:
+            await self._to_device(link, device, reply.encode())
+        self._status_dirty = True
+
+    async def _challenge(self, link: Link) -> None:
+        """Challenge the enrolled devices whose trust is missing or about to end."""
+        trust = self.core.trust
+        now = time.time()
+        if trust is None or not link.connected.is_set() or now < self._next_challenge_check:
+            return
+        self._next_challenge_check = now + CHALLENGE_CHECK_S
+        for device, challenge in trust.due_challenges(now):
+            await self._to_device(link, device, challenge.encode())
+
+    async def _to_device(self, link: Link, device: str, payload: bytes) -> None:
+        try:
+            await link.publish(topics.attest_nonce(self.config.fleet, device), payload, qos=1,
+                               timeout=ACK_PUBLISH_TIMEOUT_S)
+        except (LinkDown, PublishRejected) as exc:
+            log.info("could not send %s its attestation message: %s", device, exc)
 
     async def _announce(self, link: Link) -> None:
         """Publish the current version retained, again after every reconnect."""

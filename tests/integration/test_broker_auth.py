@@ -44,11 +44,11 @@ def accepted(code: ReasonCode) -> bool:
 
 
 def attest(device: str) -> str:
-    return f"fedd/v1/{FLEET}/attest/{device}"
+    return topics.attest(FLEET, device)
 
 
 def nonce(device: str) -> str:
-    return f"{attest(device)}/nonce"
+    return topics.attest_nonce(FLEET, device)
 
 
 def ack(device: str) -> str:
@@ -217,7 +217,7 @@ def hub_worker(clients: Callable[..., Client], client_id: str = "hub-1") -> Clie
     """A hub worker's subscriptions: the shared update stream and the devices' reports."""
     hub = clients(pki.HUB_IDENTITY, client_id)
     granted = hub.subscribe(topics.update_shared(FLEET, "hub"), topics.heartbeats(FLEET),
-                            f"fedd/v1/{FLEET}/status/+", attest("+"))
+                            topics.statuses(FLEET), attest("+"))
     assert [code.value for code in granted] == [1, 1, 1, 1]
     return hub
 
@@ -374,7 +374,7 @@ def test_hub_workers_share_updates_and_write_acks_and_the_model(clients):
 
 def test_the_monitor_reads_health_and_writes_nothing(clients):
     monitor = clients(pki.MONITOR_IDENTITY, "monitor")
-    monitor.subscribe(topics.heartbeats(FLEET), f"fedd/v1/{FLEET}/status/+",
+    monitor.subscribe(topics.heartbeats(FLEET), topics.statuses(FLEET),
                       topics.update(FLEET, "+"))
     device = clients("dev-a", "fedd-dev-a")
     for topic in (topics.heartbeat(FLEET, "dev-a"), topics.update(FLEET, "fedd-monitor"),

@@ -488,7 +488,8 @@ def test_heartbeat_booleans_round_trip() -> None:
 
 
 def ack(**changes: Any) -> Ack:
-    base = Ack(device="dev-01", seq=7, outcome="accepted", reason=None, duplicate=False,
+    base = Ack(device="dev-01", seq=7, digest="0123456789abcdef" * 2, outcome="accepted",
+               reason=None, duplicate=False,
                version=3, time=1_700_000_000.25)
     return replace(base, **changes)
 
@@ -496,7 +497,8 @@ def ack(**changes: Any) -> Ack:
 @pytest.mark.parametrize("sent", [
     ack(), ack(duplicate=True), ack(outcome="rejected", reason="too-stale"),
     ack(outcome="rejected", reason="payload-non-finite", duplicate=True),
-], ids=["accepted", "duplicate", "rejected", "rejected-again"])
+    ack(seq=None, outcome="rejected", reason="not-cbor"),
+], ids=["accepted", "duplicate", "rejected", "rejected-again", "unreadable"])
 def test_ack_round_trip(sent: Ack) -> None:
     assert Ack.decode(sent.encode()) == sent
 
@@ -520,9 +522,13 @@ def ack_json(**changes: Any) -> bytes:
     (ack_json(seq=True), "bad-field"),
     (ack_json(device="a/b"), "bad-field"),
     (ack_json(time="now"), "bad-field"),
+    (ack_json(digest="0123"), "bad-field"),
+    (ack_json(digest="0123456789ABCDEF" * 2), "bad-field"),
+    (ack_json(seq=None), "bad-field"),  # accepted, yet no seq
 ], ids=["too-large", "truncated", "list", "extra", "outcome", "accepted-reason",
         "rejected-no-reason", "reason-shape", "reason-int", "dup-int", "negative-seq",
-        "bool-seq", "device-topic", "time-str"])
+        "bool-seq", "device-topic", "time-str", "short-digest", "upper-digest",
+        "accepted-no-seq"])
 def test_ack_rejections(payload: bytes, reason: str) -> None:
     with pytest.raises(WireError) as info:
         Ack.decode(payload)
