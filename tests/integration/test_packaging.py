@@ -193,6 +193,7 @@ def test_build_makes_both_packages(debs):
     fedd = run(["dpkg-deb", "-f", str(debs["fedd"]), "Depends"]).stdout
     assert "python3.11" in fedd or re.search(r"python3\.\d+", fedd)
     assert "adduser" in fedd
+    assert "libtss2-esys" in fedd  # tpm2-pytss links Debian's TSS (which brings tpm-udev)
     hub = run(["dpkg-deb", "-f", str(debs["fedd-hub"]), "Depends"]).stdout
     assert f"fedd (>= {__version__})" in hub
 
@@ -202,10 +203,11 @@ def test_the_agent_package_carries_what_debian_12_lacks(debs):
     site = "./usr/lib/fedd/lib/python3"
     for module in ("ai_edge_litert/", "paho/mqtt/", "numpy/", "cryptography/", "cbor2/",
                    "zstandard/", "prometheus_client/", "sdnotify/", "yaml/", "psutil/",
-                   "fedd/agent/"):
+                   "tpm2_pytss/", "fedd/agent/", "fedd/trust/"):
         assert re.search(rf"{re.escape(site)}\.\d+/site-packages/{re.escape(module)}",
                          listing), module
     for path in ("./usr/bin/fedd -> ../lib/fedd/bin/fedd", "./usr/bin/fedd-provision",
+                 "./usr/bin/fedd-enroll", "./usr/share/man/man1/fedd-enroll.1.gz",
                  "./etc/fedd/fedd.yaml", "./lib/systemd/system/fedd.service",
                  "./usr/share/fedd/models/manifest.json", "./usr/share/fedd/models/har-mlp.tflite",
                  "./usr/share/fedd/mosquitto/fedd-acl.in",
@@ -273,8 +275,9 @@ def tree(out: Path) -> Iterator[Tree]:
     made.path("/usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
     made.path("/usr/sbin/policy-rc.d").chmod(0o755)
     made.apt("update", log=out / "apt-update.log")
-    made.apt("install --no-install-recommends mosquitto mosquitto-clients",
-             log=out / "apt-mosquitto.log")
+    # The site: its broker, and a software TPM standing in for the device's.
+    made.apt("install --no-install-recommends mosquitto mosquitto-clients swtpm",
+             log=out / "apt-site.log")
     try:
         yield made
     finally:
@@ -379,7 +382,8 @@ def booted(installed: Tree, debs, out: Path) -> Path:
     srv = installed.path("/srv/fedd-pkgtest")
     (srv / "upgrade").mkdir(parents=True)
     save_stream(hapt_person(1), srv / "person-01.npz")
-    for name in ("boot-check.sh", "prepare-fleet.sh", "configure.py"):
+    for name in ("boot-check.sh", "enroll.sh", "prepare-fleet.sh", "configure.py",
+                 "configure-trust.py"):
         shutil.copy(HERE / name, srv / name)
     installed.sh("sh /srv/fedd-pkgtest/prepare-fleet.sh", log=out / "prepare-fleet.log")
     installed.sh("/usr/lib/fedd/bin/python /srv/fedd-pkgtest/configure.py")
@@ -392,9 +396,13 @@ def booted(installed: Tree, debs, out: Path) -> Path:
                               control.read_text()))
     run(["dpkg-deb", "-Zgzip", "-z1", "-b", str(unpacked),
          str(srv / "upgrade" / f"fedd_{UPGRADE_VERSION}.deb")])
-    shutil.copy(HERE / "fedd-pkgtest.service", installed.path("/etc/systemd/system/"))
-    wants = installed.path("/etc/systemd/system/multi-user.target.wants/fedd-pkgtest.service")
-    wants.symlink_to("/etc/systemd/system/fedd-pkgtest.service")
+    units = ("fedd-pkgtest.service", "fedd-pkgtest-enroll.service", "fedd-pkgtest-swtpm.service")
+    for unit in units:
+        shutil.copy(HERE / unit, installed.path("/etc/systemd/system/"))
+    wanted = [installed.path(f"/etc/systemd/system/multi-user.target.wants/{unit}")
+              for unit in units[:2]]
+    for link, unit in zip(wanted, units, strict=False):
+        link.symlink_to(f"/etc/systemd/system/{unit}")
     installed.path("/usr/sbin/policy-rc.d").unlink()
     installed.umount_proc()
     started = time.monotonic()
@@ -403,8 +411,10 @@ def booted(installed: Tree, debs, out: Path) -> Path:
                  env=system_env(), timeout=BOOT_TIMEOUT_S,
                  check=False, log=out / "boot-console.log")
     REPORT["boot_seconds"] = round(time.monotonic() - started, 1)
-    wants.unlink()
-    installed.path("/etc/systemd/system/fedd-pkgtest.service").unlink()
+    for link in wanted:
+        link.unlink()
+    for unit in units:
+        installed.path(f"/etc/systemd/system/{unit}").unlink()
     installed.path("/usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
     installed.path("/usr/sbin/policy-rc.d").chmod(0o755)
     results = srv / "results"
@@ -433,7 +443,8 @@ def test_the_units_are_enabled_and_the_fleet_works_under_systemd(booted):
     done = steps(booted)
     assert (booted / "enabled-fedd.txt").read_text().strip() == "enabled"
     assert (booted / "enabled-hub.txt").read_text().strip() == "enabled"
-    for step in ("mosquitto started", "hub started", "agent started", "agent working",
+    for step in ("fedd.service started at boot", "fedd-hub.service started at boot",
+                 "mosquitto started", "hub started", "agent started", "agent working",
                  "heartbeat heard", "done"):
         assert step in done, f"{step!r} missing: {done}\n{(booted / 'driver.log').read_text()}"
     for name in ("agent", "hub", "broker"):
@@ -449,6 +460,20 @@ def test_the_units_are_enabled_and_the_fleet_works_under_systemd(booted):
     assert "device        pi-001" in (booted / "fedd-status-operator.txt").read_text()
     heartbeat = json.loads((booted / "heartbeat.json").read_text())
     assert heartbeat["device"] == "pi-001" and heartbeat["software"] == __version__
+
+
+def test_the_agent_attests_with_its_tpm_and_signs_its_updates(booted):
+    """fedd-enroll on the device and the hub, then trust.mode require with signatures."""
+    done = steps(booted)
+    for step in ("enrolled", "registered", "trust required", "agent working"):
+        assert step in done, (step, (booted / "enroll.log").read_text())
+    status = json.loads((booted / "status.json").read_text())
+    assert status["trusted"] is True and status["trust_reason"] is None
+    hub = json.loads((booted / "hub-status.json").read_text())
+    assert hub["trust"]["mode"] == "require"
+    assert hub["trust"]["verdicts"].get("trusted", 0) >= 1
+    assert hub["accepted"] >= 2
+    assert "measured the agent into PCR 23" in (booted / "journal.txt").read_text()
 
 
 def test_the_agent_runs_sandboxed(booted):
@@ -589,7 +614,8 @@ def purged(removed: Tree, out: Path) -> Tree:
 # What the test's operator made for the site's broker and its test account:
 # not the packages' to remove.
 OPERATORS_OWN = ("/etc/mosquitto/fedd", "/etc/systemd/system/mosquitto.service.d",
-                 "/var/lib/mosquitto/mosquitto.db", "/etc/subuid-", "/etc/subgid-")
+                 "/var/lib/mosquitto/mosquitto.db", "/etc/subuid-", "/etc/subgid-",
+                 "/var/lib/fedd-pkgtest-swtpm")
 
 
 def test_purge_leaves_nothing_behind(purged, clean_state):
@@ -598,8 +624,11 @@ def test_purge_leaves_nothing_behind(purged, clean_state):
     left = [p for p in new if not p.startswith(OPERATORS_OWN)]
     REPORT["left_after_purge"] = left
     assert left == []
-    assert users(purged) == clean_state["users"]
-    assert set(groups(purged)) == clean_state["groups"]
+    # tpm-udev (pulled in by Debian's TSS libraries) makes user and group tss and,
+    # as Debian packages do, keeps them when purged; fedd's own are gone.
+    assert users(purged) - clean_state["users"] <= {"tss"}
+    assert set(groups(purged)) - clean_state["groups"] <= {"tss"}
+    assert not {"fedd", "fedd-hub"} & (users(purged) | set(groups(purged)))
     for name in ("/etc/fedd", "/var/lib/fedd", "/var/lib/fedd-hub", "/usr/lib/fedd",
                  "/usr/share/fedd", "/usr/share/doc/fedd"):
         assert not purged.path(name).exists(), name

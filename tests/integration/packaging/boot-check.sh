@@ -7,7 +7,6 @@
 set -u
 R=/srv/fedd-pkgtest/results
 PY=/usr/lib/fedd/bin/python
-rm -rf "$R"
 mkdir -p "$R"
 exec >"$R/driver.log" 2>&1
 set -x
@@ -37,15 +36,20 @@ wait_active() {
     return 1
 }
 
-# --- start the fleet: broker, hub, agent (enabled at installation, started by the operator)
+# --- the fleet: enabled at installation, broker, hub and agent started at boot
+# (after enroll.sh, fedd-pkgtest-enroll.service, enrolled the device)
 systemctl is-enabled fedd.service >"$R/enabled-fedd.txt" 2>&1
 systemctl is-enabled fedd-hub.service >"$R/enabled-hub.txt" 2>&1
+for unit in fedd.service fedd-hub.service; do
+    wait_active "$unit" 60 && mark "$unit started at boot"
+done
 systemctl start mosquitto.service && mark "mosquitto started"
 systemctl start fedd-hub.service && mark "hub started"
 systemctl start fedd.service && mark "agent started"
-if wait_status 120 's["model_version"] is not None and s["model_version"] >= 2 and s["updates_sent"] >= 2'; then
+if wait_status 120 's["model_version"] is not None and s["model_version"] >= 2 and s["updates_sent"] >= 2 and s.get("trusted") is True'; then
     mark "agent working"
 fi
+cp /var/lib/fedd-hub/status.json "$R/hub-status.json"
 show fedd.service agent
 show fedd-hub.service hub
 show mosquitto.service broker
