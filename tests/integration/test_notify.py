@@ -110,8 +110,8 @@ def test_watchdog_pings_come_every_half_watchdog_period(broker, fedd, tmp_path, 
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     period = watchdog_sec / 2
     assert statistics.median(gaps) == pytest.approx(period, rel=0.15), gaps
-    # No gap may come near WatchdogSec: systemd would kill the agent then.
-    assert max(gaps) < 0.8 * watchdog_sec, gaps
+    # No gap may reach WatchdogSec: systemd would kill the agent then.
+    assert max(gaps) < watchdog_sec, gaps
     assert agent.terminate() == 0, agent.tail()
 
 
