@@ -91,7 +91,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "device" not in status:  # the hub's status file
         print(f"hub           version {status['version']} ({status['digest'][:16]}…)")
         print(f"buffered      {status['buffered']} updates")
-        print(f"accepted      {status['accepted']}   rejected {status['rejected'] or 'none'}")
+        print(f"accepted      {status['accepted']}   duplicates {status.get('duplicates', 0)}"
+              f"   rejected {status['rejected'] or 'none'}")
+        if trust := status.get("trust"):  # fedd.hub.trust's counts
+            print(f"trust         mode {trust['mode']}: {trust['trusted']} devices trusted, "
+                  f"{trust['untrusted']} not; {trust['flagged_updates']} flagged updates; "
+                  f"verdicts {trust['verdicts'] or 'none'}")
+        if robust := status.get("robust"):  # fedd.hub.robust's measurements
+            median = robust["median_norm"]
+            print(f"robust        rule {robust['rule']}, median norm "
+                  f"{'warming up' if median is None else f'{median:.4g}'}, "
+                  f"{robust['clipped']} clipped, {robust['rejected']} norm outliers")
         print(f"devices       {status['devices']}   (written {_age(now - status['time'])})")
         return EXIT_OK
     last = status.get("last_update")
@@ -101,8 +111,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"model         version {status['model_version']}   delegate {status['delegate']}")
     print(f"activity      {status['activity']}")
     print(f"scheduler     {status['decision']}")
-    print(f"store         {status['windows']} windows   outbox {status['outbox']} queued")
-    print(f"uplink        {status['updates_sent']} updates, {status['uplink_bytes']} bytes")
+    print(f"store         {status['windows']} windows   outbox {status['outbox']} queued "
+          f"({status['outbox_bytes']} bytes)")
+    print(f"link          {'connected' if status['connected'] else 'DISCONNECTED'}, "
+          f"{status['reconnects']} reconnects, {status['connect_failures']} failed attempts")
+    print(f"uplink        {status['updates_sent']} updates, {status['uplink_bytes']} bytes; "
+          f"hub accepted {status['acked']}, rejected "
+          f"{status.get('rejected_updates') or 'none'}")
+    if status.get("trusted") is not None:
+        print("trust         " + ("trusted" if status["trusted"]
+                                   else f"NOT trusted: {status['trust_reason']}"))
     if last:
         sent = (f"seq {last['seq']}" if last["seq"] is not None
                 else f"stopped: {last['stopped']}" if last.get("stopped") else "not sent (local)")

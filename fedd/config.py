@@ -38,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "ReconnectConfig",
     "ReplayConfig",
+    "RobustConfig",
     "SchedulerConfig",
     "SensorConfig",
     "StoreConfig",
@@ -425,6 +426,33 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RobustConfig:
+    """Bounds on each update's influence (fedd.hub.robust); every bound is on one
+    update's L2 norm over all its shared parts, the median of the fleet's recent
+    norms scaling the relative ones (defaults: scripts/bench-robust)."""
+
+    clip_norm: float | None = setting(None, gt=0)
+    clip_multiple: float | None = setting(3.0, min=1, max=1000)
+    reject_multiple: float | None = setting(10.0, min=1, max=1000000)
+    norm_history: int = setting(100, min=1, max=100000)
+    warmup: int = setting(10, min=1, max=100000)
+    rule: Literal["mean", "trimmed_mean", "median"] = "mean"
+    trim: float = setting(0.2, min=0, max=0.5)
+
+    def __post_init__(self) -> None:
+        if self.trim >= 0.5:
+            raise ValueError(f"trim ({self.trim}) must be below 0.5: it drops that share of "
+                             "each coordinate's values from each end")
+        if self.warmup > self.norm_history:
+            raise ValueError(f"warmup ({self.warmup}) must not exceed norm_history "
+                             f"({self.norm_history})")
+        if None not in (self.clip_multiple, self.reject_multiple) \
+                and self.reject_multiple < self.clip_multiple:  # type: ignore[operator]
+            raise ValueError(f"reject_multiple ({self.reject_multiple}) must not be below "
+                             f"clip_multiple ({self.clip_multiple})")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LimitsConfig:
     """Bounds that keep a bad or hostile update from hurting the hub."""
 
@@ -473,6 +501,7 @@ class HubConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     trust: FleetTrustConfig = field(default_factory=FleetTrustConfig)

@@ -89,6 +89,10 @@ def publish_wire_bytes(topic: str, payload: bytes, qos: int) -> int:
     return 1 + length_bytes + remaining
 
 
+def _network_thread_writes(_client: mqtt.Client, _userdata: object, _sock: object) -> None:
+    """Nothing to do: the network thread's loop() sees the queued packet and writes it."""
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """Mutual TLS: the CA that signed the broker, and our own certificate and key."""
@@ -172,6 +176,12 @@ class Link:
                                     f"{tls.cert_file}, {tls.key_file}): {exc}") from None
         if will:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        # Only the network thread may touch the socket: without an external-loop write
+        # callback, paho writes from the publishing thread too (`_packet_queue` calls
+        # loop_write when no loop_start thread exists), and two threads in one TLS
+        # connection corrupt OpenSSL's state (seen: malloc aborts, lost packets). With
+        # one, publish() only queues the packet and wakes the network thread's select.
+        self._client.on_socket_register_write = _network_thread_writes
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

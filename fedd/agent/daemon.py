@@ -537,9 +537,10 @@ class Agent:
             self.store.put(**state, **residuals)  # residuals: a delta folded in
         else:
             # The update, its seq and the residuals it leaves: one transaction.
+            first = {} if self.store.get("first_seq") is not None else {"first_seq": seq}
             self.store.enqueue(topics.update(self.config.fleet, self.config.device_id),
                                payload, seq=seq,
-                               state={**state, **residuals, "next_seq": seq + 1})
+                               state={**state, **residuals, **first, "next_seq": seq + 1})
         if done:
             self.last_trained_version = result.base_version
             self.labelled_at_last_round = len(labels)

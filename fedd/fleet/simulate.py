@@ -22,12 +22,18 @@ round waits for its slowest device). Every device adopts every version and
 re-personalizes, as the agent's daemon does. `label_skew`
 keeps only 2-4 of the 6 activities per person (seeded), in both the training
 and the holdout windows, as real users who never climb stairs.
+
+`robust` is the hub's `robust:` section (fedd.hub.robust: the norm screen
+and the buffer's rule; None, the default, is the plain mean with no screen),
+and `attack` makes some devices send a multiple of their honest update
+(x100, or x-1 sign-flipped); they still learn and personalize honestly.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,19 +45,21 @@ import numpy as np
 
 from fedd.agent.features import FEATURE_SET, model_inputs
 from fedd.agent.learner import STRATEGIES, Learner, make_strategy
-from fedd.config import TrainingConfig
+from fedd.config import RobustConfig, TrainingConfig
 from fedd.datasets import hapt, hapt_person
 from fedd.datasets.windows import window_labels, window_starts
+from fedd.hub import robust
 from fedd.hub.aggregate import FedBuff, apply_delta
 from fedd.model import ModelSpec, TrainableModel
 from fedd.wire import GlobalModel
 
-__all__ = ["DeviceData", "PersonResult", "SimOptions", "SimResult", "load_fleet",
+__all__ = ["Attack", "DeviceData", "PersonResult", "SimOptions", "SimResult", "load_fleet",
            "simulate", "skewed_classes"]
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
 WINDOW, STEP = 128, 64
 NUM_CLASSES = len(hapt.ACTIVITIES)
+ASYNC_STALL = 3  # async runs end after this many times rounds x per_round local rounds
 
 
 # ---------------------------------------------------------------- data
@@ -126,6 +134,24 @@ def load_fleet(people: Sequence[int], *, label_skew: bool = False, seed: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
+class Attack:
+    """`devices` of the fleet send `factor` x their honest update (100: scaled, -1: flipped).
+
+    Which devices is drawn from the run's seed apart from the schedule's draws,
+    so a clean and an attacked run of one seed train the same devices each round.
+    """
+
+    factor: float
+    devices: int = 3
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.factor):
+            raise ValueError(f"an attack's factor must be finite, got {self.factor}")
+        if self.devices < 1:
+            raise ValueError(f"an attack needs >= 1 device, got {self.devices}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SimOptions:
     """One simulated fleet run. Training defaults are the measured ones (bench-personalization)."""
 
@@ -147,6 +173,8 @@ class SimOptions:
     max_staleness: int = 20
     model: str = "har-mlp"
     manifest: str = str(MANIFEST)
+    robust: RobustConfig | None = None  # the hub's robust: section; None: plain mean
+    attack: Attack | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -165,6 +193,9 @@ class SimOptions:
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         if not 0 <= self.slow_share <= 1 or self.slow_factor < 1:
             raise ValueError("slow_share must be in [0, 1] and slow_factor >= 1")
+        if self.attack is not None and self.attack.devices > len(self.people):
+            raise ValueError(f"an attack by {self.attack.devices} devices needs as many "
+                             f"people, got {len(self.people)}")
 
     @property
     def training(self) -> TrainingConfig:
@@ -195,6 +226,10 @@ class SimResult:
     uplink_values: int
     sim_time: float
     wall_s: float
+    attackers: list[int] = field(default_factory=list)  # their HAPT person ids
+    updates_rejected: int = 0  # by the norm screen (norm-outlier)
+    updates_clipped: int = 0
+    updates_invalid: int = 0  # non-finite, or in a flush that would overflow the weights
 
     @property
     def personal_accuracy(self) -> np.ndarray:
@@ -211,6 +246,9 @@ class SimResult:
     def from_dict(cls, obj: dict) -> SimResult:
         options = dict(obj["options"])
         options["people"] = tuple(options["people"])
+        for name, kind in (("robust", RobustConfig), ("attack", Attack)):
+            if options.get(name) is not None:
+                options[name] = kind(**options[name])
         return cls(**{**obj, "options": SimOptions(**options),
                       "people": [PersonResult(**p) for p in obj["people"]]})
 
@@ -223,16 +261,20 @@ class SimResult:
 
 
 class _Hub:
-    """The real FedBuff buffer and delta rule, versions as GlobalModel."""
+    """The real FedBuff buffer, norm screen and delta rule, versions as GlobalModel."""
 
     def __init__(self, spec: ModelSpec, initial: dict[str, np.ndarray],
                  options: SimOptions) -> None:
         self.spec = spec
         self.options = options
         self.buffer = FedBuff(buffer_size=options.per_round, max_wait_s=1e9, quorum=1,
-                              staleness_exponent=options.staleness_exponent)
+                              staleness_exponent=options.staleness_exponent,
+                              reducer=robust.reducer_for(options.robust))
+        self.screen = (None if options.robust is None
+                       else robust.NormScreen.from_config(options.robust))
         self.current = self._version(0, initial, contributors=0, staleness=0.0)
-        self.folded = self.dropped = self.uplink = 0
+        self.folded = self.dropped = self.rejected = self.uplink = 0
+        self.invalid = 0  # non-finite updates, and updates of a flush that overflowed
 
     def _version(self, version: int, parts: dict[str, np.ndarray], *, contributors: int,
                  staleness: float) -> GlobalModel:
@@ -246,7 +288,19 @@ class _Hub:
         if staleness > self.options.max_staleness:
             self.dropped += 1
             return
-        self.buffer.fold(delta, num_samples=samples, staleness=staleness)
+        if not all(np.isfinite(values).all() for values in delta.values()):
+            self.invalid += 1  # the hub's decoder refuses them (payload-non-finite)
+            return
+        scale = 1.0
+        if self.screen is not None:  # as HubCore.receive
+            try:
+                verdict = self.screen.check(delta, model=self.current.parts)
+            except robust.Outlier:
+                self.rejected += 1
+                return
+            self.screen.admit(verdict)
+            scale = verdict.scale
+        self.buffer.fold(delta, num_samples=samples, staleness=staleness, scale=scale)
         self.folded += 1
 
     def maybe_publish(self) -> GlobalModel | None:
@@ -257,6 +311,9 @@ class _Hub:
         current = self.current.parts
         moved = apply_delta({n: current[n] for n in flushed.delta}, flushed.delta,
                             self.options.server_learning_rate)
+        if not all(np.isfinite(values).all() for values in moved.values()):
+            self.invalid += flushed.contributors  # as HubCore.next_version: non-finite-result
+            return None
         self.current = self._version(self.current.version + 1, {**current, **moved},
                                      contributors=flushed.contributors,
                                      staleness=flushed.mean_staleness)
@@ -267,17 +324,30 @@ class _Device:
     def __init__(self, data: DeviceData, learner: Learner) -> None:
         self.data = data
         self.learner = learner
+        self.factor = 1.0  # an attacker sends factor x its update
 
     def adopt(self, model: GlobalModel) -> None:
         """What the daemon does with a new version: apply it and re-personalize."""
         self.learner.apply_global(model)
+        self._personalize()
+
+    def _personalize(self) -> None:
+        """Re-personalize; one that diverged (on a wrecked global model) is undone, so the
+        device keeps its last finite personal parts."""
+        before = dict(self.learner.personal)
         self.learner.personalize(self.data.x, self.data.y)
+        if not all(np.isfinite(values).all() for values in self.learner.personal.values()):
+            self.learner.personal = before
 
     def round(self) -> tuple[dict[str, np.ndarray], int, int]:
         """What the daemon's trainer does: a local round, then personalize."""
         result = self.learner.local_round(self.data.x, self.data.y)
-        self.learner.personalize(self.data.x, self.data.y)
-        return result.delta, result.num_samples, result.base_version
+        self._personalize()
+        delta = result.delta
+        if self.factor != 1.0:
+            delta = {name: (self.factor * values).astype(np.float32)
+                     for name, values in delta.items()}
+        return delta, result.num_samples, result.base_version
 
 
 def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
@@ -295,6 +365,10 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
                           seed=options.seed * 1000 + data.person)
         learner.fit_scaler(data.x)
         devices.append(_Device(data, learner))
+    if options.attack is not None:
+        pick = np.random.default_rng([options.seed, 0xA77AC4])
+        for i in pick.choice(len(devices), options.attack.devices, replace=False):
+            devices[i].factor = options.attack.factor
     hub = _Hub(spec, TrainableModel(spec).get_parts(), options)
     for device in devices:
         device.adopt(hub.current)
@@ -335,7 +409,10 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
         running: list[tuple[float, int, tuple[dict[str, np.ndarray], int, int]]] = []
         for i, device in enumerate(devices):
             heapq.heappush(running, (duration(i), i, device.round()))
-        while (hub.current.version < options.rounds if shares else local_rounds < budget):
+        # A fleet whose every update is refused (a wrecked model) makes no versions:
+        # it stops after ASYNC_STALL x the rounds a working one needs.
+        while (hub.current.version < options.rounds and local_rounds < ASYNC_STALL * budget
+               if shares else local_rounds < budget):
             clock, i, (delta, samples, base) = heapq.heappop(running)
             local_rounds += 1
             if delta:
@@ -353,5 +430,8 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
                      local_rounds=local_rounds, updates_folded=hub.folded,
                      updates_dropped=hub.dropped, uplink_values=hub.uplink,
                      sim_time=round(clock, 3),
-                     wall_s=round(time.perf_counter() - started, 3))
+                     wall_s=round(time.perf_counter() - started, 3),
+                     attackers=[d.data.person for d in devices if d.factor != 1.0],
+                     updates_rejected=hub.rejected, updates_invalid=hub.invalid,
+                     updates_clipped=0 if hub.screen is None else hub.screen.clipped)
 

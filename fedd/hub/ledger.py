@@ -9,6 +9,12 @@ next version rebuilds the same buffer; the row records the version it is
 headed for (the current one + 1), so a crash between saving that version
 and marking its rows tells itself apart on restart.
 
+An update's row also keeps its norm and, when accepted, the clip scale it
+was folded with (fedd.hub.robust): the scale makes a re-fold after a
+restart equal the first fold, and the recent rows' norms (accepted, or
+rejected as norm outliers) are the history a restarted hub judges the next
+updates by.
+
 Records older than the retention are pruned; each device's largest pruned
 seq survives, so a resend of a pruned update is still recognized (a device
 sends its updates in seq order, each until it is acknowledged).
@@ -32,12 +38,13 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (
     device TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT,
     received REAL NOT NULL, version INTEGER, staleness INTEGER, num_samples INTEGER,
-    payload BLOB, PRIMARY KEY (device, seq)) WITHOUT ROWID;
+    payload BLOB, norm REAL, scale REAL, PRIMARY KEY (device, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS updates_state ON updates (state);
 CREATE INDEX IF NOT EXISTS updates_received ON updates (received);
 -- pruned_through: the largest seq of this device whose record was pruned.
 CREATE TABLE IF NOT EXISTS devices (device TEXT PRIMARY KEY, pruned_through INTEGER);
 """
+ADDED_COLUMNS = {"norm": "REAL", "scale": "REAL"}  # a ledger made before them gains them
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class Buffered:
     staleness: int
     num_samples: int
     payload: bytes
+    norm: float | None = None  # its L2 norm before clipping, if recorded
+    scale: float = 1.0  # the clip scale it was folded with
 
 
 class Ledger:
@@ -72,6 +81,10 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(updates)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE updates ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -112,24 +125,40 @@ class Ledger:
                    (device, seq, *columns.values()))
         db.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
 
-    def reject(self, device: str, seq: int, reason: str) -> None:
+    def reject(self, device: str, seq: int, reason: str, norm: float | None = None) -> None:
         with self._transaction() as db:
-            self._record(db, device, seq, state=REJECTED, reason=reason, received=time.time())
+            self._record(db, device, seq, state=REJECTED, reason=reason, received=time.time(),
+                         norm=norm)
 
     def accept(self, device: str, seq: int, *, version: int, staleness: int, num_samples: int,
-               payload: bytes) -> None:
+               payload: bytes, norm: float | None = None, scale: float = 1.0) -> None:
         """Record an update as buffered for `version`, keeping its payload until then."""
         with self._transaction() as db:
             self._record(db, device, seq, state=BUFFERED, received=time.time(), version=version,
-                         staleness=staleness, num_samples=num_samples, payload=payload)
+                         staleness=staleness, num_samples=num_samples, payload=payload,
+                         norm=norm, scale=scale)
 
     def buffered(self) -> list[Buffered]:
         """Accepted updates not yet in a stored version, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT device, seq, received, version, staleness, num_samples, payload "
-                "FROM updates WHERE state = ? ORDER BY received", (BUFFERED,)).fetchall()
-        return [Buffered(d, s, r, v, st, n, bytes(p)) for d, s, r, v, st, n, p in rows]
+                "SELECT device, seq, received, version, staleness, num_samples, payload, norm, "
+                "COALESCE(scale, 1.0) FROM updates WHERE state = ? ORDER BY received",
+                (BUFFERED,)).fetchall()
+        return [Buffered(d, s, r, v, st, n, bytes(p), nm, sc)
+                for d, s, r, v, st, n, p, nm, sc in rows]
+
+    def recent_norms(self, count: int) -> list[float]:
+        """The recorded norms of the `count` latest updates, oldest first.
+
+        Pruned rows are gone: after a quiet spell longer than the retention the
+        history starts again.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT norm FROM (SELECT norm, received FROM updates WHERE norm IS NOT NULL "
+                "ORDER BY received DESC LIMIT ?) ORDER BY received", (count,)).fetchall()
+        return [float(n) for (n,) in rows]
 
     def folded_into(self, version: int) -> int:
         """Mark every buffered update headed for `version` as part of it; drop payloads."""

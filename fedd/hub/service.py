@@ -23,6 +23,7 @@ import numpy as np
 
 from fedd import topics
 from fedd.config import AggregationConfig, HubConfig
+from fedd.hub import robust
 from fedd.hub.aggregate import FedBuff, apply_delta
 from fedd.hub.ledger import REJECTED, Ledger
 from fedd.hub.models import ModelStore
@@ -53,9 +54,10 @@ CHALLENGE_CHECK_S = 1.0
 class Rejected(Exception):
     """An update the hub will not fold in; `reason` is a counted code."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, norm: float | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.norm = norm  # the update's norm, if it was screened (fedd.hub.robust)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ def _rule(aggregation: AggregationConfig) -> dict[str, Any]:
             "quorum": aggregation.quorum, "staleness_exponent": aggregation.staleness_exponent}
 
 
+def _buffer(config: HubConfig) -> FedBuff:
+    """An empty buffer with the config's FedBuff rule and robust rule (its reducer)."""
+    return FedBuff(**_rule(config.aggregation), reducer=robust.reducer_for(config.robust))
+
+
 class HubCore:
     """Decode, verify and fold updates exactly once; cut new global versions."""
 
@@ -88,7 +95,10 @@ class HubCore:
         self.ledger = ledger
         self.trust = trust
         self.current = store.latest() or self._initial_version()
-        self.buffer = FedBuff(**_rule(config.aggregation))
+        self.buffer = _buffer(config)
+        # The norm history is rebuilt from the ledger: the norms of the latest updates.
+        self.screen = robust.NormScreen.from_config(
+            config.robust, norms=ledger.recent_norms(config.robust.norm_history))
         self.accepted = 0
         self.duplicates = 0
         self.rejected: Counter[str] = Counter()
@@ -122,20 +132,26 @@ class HubCore:
                           row.seq, exc)
                 continue
             self.buffer.fold(decoded, num_samples=row.num_samples, staleness=row.staleness,
-                             now=mono - (wall - row.received))
+                             scale=row.scale, now=mono - (wall - row.received))
         if len(self.buffer):
             log.info("resumed a buffer of %d acknowledged updates", len(self.buffer))
 
     def reconfigure(self, config: HubConfig) -> None:
         """Apply a reloaded config; buffered updates are kept."""
         self.buffer.configure(**_rule(config.aggregation))
+        self.screen.configure(config.robust)
+        new_rule = (config.robust.rule, config.robust.trim) != (self.config.robust.rule,
+                                                                self.config.robust.trim)
         self.config = config
+        if new_rule:  # sums cannot become rows or back: fold the buffered payloads again
+            self.buffer = _buffer(config)
+            self._resume()
 
     def receive(self, topic: str, payload: bytes, now: float | None = None) -> Receipt:
         """Record and fold one update, or record why not; the receipt is its acknowledgement.
 
         Raises Rejected (counted) only for a payload without a readable
-        (device, seq): that one cannot be acknowledged.
+        (device, seq): the service acknowledges that one by its digest.
         """
         device = topics.device_of(topic)
         limit = self.config.limits.max_update_bytes
@@ -163,16 +179,19 @@ class HubCore:
                                    f"{device} is not trusted (trust.mode require)")
             staleness = self._staleness(update)
             decoded = self._decode_parts(update)
+            verdict = self._screen(decoded)
         except Rejected as exc:
             self.rejected[exc.reason] += 1
-            self.ledger.reject(device, update.seq, exc.reason)
+            self.ledger.reject(device, update.seq, exc.reason, norm=exc.norm)
             log.warning("rejected update %s seq %d: %s", device, update.seq, exc)
             return Receipt(device, update.seq, ACK_REJECTED, exc.reason)
         # Durable before it counts: a crash after this commit rebuilds the same buffer.
         self.ledger.accept(device, update.seq, version=self.current.version + 1,
-                           staleness=staleness, num_samples=update.num_samples, payload=payload)
+                           staleness=staleness, num_samples=update.num_samples, payload=payload,
+                           norm=verdict.norm, scale=verdict.scale)
+        self.screen.admit(verdict)
         weight = self.buffer.fold(decoded, num_samples=update.num_samples,
-                                  staleness=staleness, now=now)
+                                  staleness=staleness, scale=verdict.scale, now=now)
         self.accepted += 1
         return Receipt(device, update.seq, ACK_ACCEPTED, staleness=staleness, weight=weight)
 
@@ -201,6 +220,13 @@ class HubCore:
                                f"part {name}: {exc.detail}") from None
         return decoded
 
+    def _screen(self, decoded: dict[str, Decoded]) -> robust.Verdict:
+        """The update's norm against the fleet's recent ones: its clip scale, or Rejected."""
+        try:
+            return self.screen.check(decoded, model=self.current.parts)
+        except robust.Outlier as exc:
+            raise Rejected(exc.reason, str(exc), norm=exc.norm) from None
+
     def next_version(self) -> GlobalModel:
         """Flush the buffer into a new stored version."""
         flushed = self.buffer.flush()
@@ -226,6 +252,8 @@ class HubCore:
         return {"version": self.current.version, "digest": self.current.digest,
                 "buffered": len(self.buffer), "accepted": self.accepted,
                 "duplicates": self.duplicates, "rejected": dict(self.rejected),
+                "robust": {**self.screen.measurements(), "rule": self.config.robust.rule,
+                           "buffer_bytes": self.buffer.reducer.nbytes},
                 "ledger": self.ledger.counts(), "devices": self.ledger.devices(),
                 "trust": None if self.trust is None else self.trust.status(time.time()),
                 "time": time.time()}
@@ -251,7 +279,7 @@ class HubService:
         self._next_challenge_check = 0.0
 
     def reload(self, config: HubConfig) -> None:
-        """Apply aggregation, limits and log level; the rest needs a restart."""
+        """Apply aggregation, robust, limits and log level; the rest needs a restart."""
         fixed = ("fleet", "state_dir", "share_group", "broker", "model", "trust")
         changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
         if changed:

@@ -421,6 +421,53 @@ def test_fedd_links_speak_mutual_tls_with_the_fleet_broker(broker, fleet):
     asyncio.run(main())
 
 
+def test_a_tls_link_under_two_way_load_keeps_every_message(broker, fleet):
+    """Publishing (event loop thread) while receiving (network thread) on one TLS link.
+
+    Only the network thread may touch the socket: when publish() wrote too,
+    two threads inside one OpenSSL connection lost packets and aborted the
+    agent (malloc: "unsorted double linked list corrupted") in the demo.
+    """
+    count = 400
+    echo_topic, feed_topic = topics.ack(FLEET, "dev-a"), topics.update(FLEET, "dev-a")
+
+    async def main() -> None:
+        hub_link = Link(host=broker.host, port=broker.port, client_id="fedd-hub-load",
+                        tls=tls_files(fleet.bundle(pki.HUB_IDENTITY)),
+                        subscriptions=[(topics.update_shared(FLEET, "hub"), 1)])
+        device_link = Link(host=broker.host, port=broker.port, client_id="fedd-dev-a-load",
+                           tls=tls_files(fleet.bundle("dev-a")),
+                           subscriptions=[(echo_topic, 1)])
+        async with hub_link as hub, device_link as device:
+            await hub.wait_connected(WAIT_S)
+            await device.wait_connected(WAIT_S)
+            await asyncio.sleep(0.3)  # both SUBSCRIBEs reach the broker
+
+            async def echo() -> int:
+                echoed = 0
+                while echoed < count:
+                    message = await hub.next_message(timeout=WAIT_S)
+                    assert message is not None, f"the hub heard {echoed} of {count}"
+                    await hub.publish(echo_topic, message.payload, timeout=WAIT_S)
+                    echoed += 1
+                return echoed
+
+            async def feed() -> None:
+                for i in range(count):
+                    await device.publish(feed_topic, i.to_bytes(4, "big") * 256, timeout=WAIT_S)
+
+            echoer = asyncio.create_task(echo())
+            await feed()
+            heard = set()
+            while len(heard) < count:
+                message = await device.next_message(timeout=WAIT_S)
+                assert message is not None, f"the device heard {len(heard)} of {count} echoes"
+                heard.add(int.from_bytes(message.payload[:4], "big"))
+            assert await echoer == count and heard == set(range(count))
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- handshakes that fail
 
 

@@ -158,6 +158,8 @@ def test_fedd_status_reports_a_stopped_agent_and_hub(notified_run, fedd_cli, tmp
     assert f"outbox {final['outbox']} queued" in shown.stdout
     assert f"scheduler     {final['decision']}" in shown.stdout
     assert f"last round    seq {final['last_update']['seq']}, version" in shown.stdout
+    assert f"hub accepted {final['acked']}, rejected none" in shown.stdout
+    assert re.search(r"^link +(connected|DISCONNECTED), \d+ reconnects", shown.stdout, re.M)
 
     as_json = fedd_cli("status", "--state-dir", str(notified_run.agent_state), "--json")
     assert as_json.returncode == 0
@@ -166,6 +168,8 @@ def test_fedd_status_reports_a_stopped_agent_and_hub(notified_run, fedd_cli, tmp
     hub = fedd_cli("status", "--state-dir", str(notified_run.hub_state))
     assert hub.returncode == 0, hub.stderr
     assert re.search(r"^hub +version \d+", hub.stdout, re.M)
+    assert re.search(r"^robust +rule mean, median norm ", hub.stdout, re.M)
+    assert re.search(r"^accepted +\d+   duplicates \d+   rejected ", hub.stdout, re.M)
 
     empty = fedd_cli("status", "--state-dir", str(tmp_path))
     assert empty.returncode == 3

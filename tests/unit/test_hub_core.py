@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import textwrap
 from pathlib import Path
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 
 from fedd import topics
-from fedd.config import HubConfig, load_hub_config
+from fedd.config import HubConfig, RobustConfig, load_hub_config
 from fedd.hub.aggregate import weighted_mean
 from fedd.hub.ledger import Ledger
 from fedd.hub.models import ModelStore
+from fedd.hub.robust import Median, update_norm
 from fedd.hub.service import HubCore, Receipt, Rejected
 from fedd.model import ModelSpec, TrainableModel
 from fedd.pipeline import Pipeline
@@ -387,7 +389,11 @@ def test_a_crash_between_saving_a_version_and_marking_its_updates(
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_overflowing_updates_never_make_an_unloadable_version(
-        core: HubCore, config: HubConfig, spec: ModelSpec, ledger_path: Path) -> None:
+        tmp_path: Path, spec: ModelSpec, ledger_path: Path) -> None:
+    # Without the norm screen, which would refuse them first (norm-outlier).
+    config = dataclasses.replace(hub_config(tmp_path), robust=RobustConfig(
+        clip_multiple=None, reject_multiple=None))
+    core = HubCore(config, spec, ModelStore(tmp_path / "models"), Ledger(ledger_path))
     huge = {name: np.full(n, np.finfo(np.float32).max, np.float32)
             for name, n in spec.parts.items()}
     seq = 0
@@ -407,11 +413,11 @@ def test_overflowing_updates_never_make_an_unloadable_version(
 def test_a_body_only_update_moves_only_the_body(core: HubCore, spec: ModelSpec) -> None:
     """FedPer/FedRep devices share the body alone; the global head stays as it was."""
     before = {name: values.copy() for name, values in core.current.parts.items()}
-    body = np.full(spec.parts["body"], 0.5, np.float32)
+    body = np.full(spec.parts["body"], 0.05, np.float32)
     for device in ("dev-1", "dev-2"):
         core.receive(topic(device), payload(spec, device=device, parts={"body": body}))
     model = core.next_version()
-    np.testing.assert_allclose(model.parts["body"], before["body"] + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(model.parts["body"], before["body"] + 0.05, rtol=1e-5)
     np.testing.assert_array_equal(model.parts["head"], before["head"])
 
 
@@ -457,3 +463,105 @@ def test_an_update_must_read_as_its_declared_codec(core: HubCore, spec: ModelSpe
     assert refusal(core, topic("dev-1"), payload(spec, codec="float32", payloads={
         "body": sparse.payload})) == "payload-stack-mismatch"
     assert send(core, spec, seq=1, codec="topk:0.01+q:4+zstd").outcome == "accepted"
+
+
+# ---------------------------------------------------------------- robust aggregation
+
+
+def robust_core(tmp_path: Path, spec: ModelSpec, **robust: Any) -> HubCore:
+    """A hub with its `robust:` section set (bounds as shipped unless given)."""
+    config = dataclasses.replace(hub_config(tmp_path), robust=RobustConfig(**robust))
+    return HubCore(config, spec, ModelStore(tmp_path / "models"),
+                   Ledger(tmp_path / "ledger.sqlite"))
+
+
+def scaled(spec: ModelSpec, seed: int, factor: float) -> dict[str, np.ndarray]:
+    return {name: factor * values for name, values in delta(spec, seed).items()}
+
+
+def test_a_norm_outlier_is_rejected_counted_and_acknowledged(
+        tmp_path: Path, spec: ModelSpec) -> None:
+    core = robust_core(tmp_path, spec, warmup=4, norm_history=10)
+    advance(core, spec, 2)  # 4 accepted updates of about the same norm
+    before = buffer_state(core)
+    receipt = send(core, spec, device="evil", seq=0, parts=scaled(spec, 7, 100.0), base=2)
+    assert receipt == Receipt("evil", 0, "rejected", "norm-outlier")
+    assert core.rejected == {"norm-outlier": 1} and buffer_state(core) == before
+    assert core.ledger.counts()["rejected:norm-outlier"] == 1
+    assert send(core, spec, device="evil", seq=0, parts=scaled(spec, 7, 100.0), base=2) == (
+        Receipt("evil", 0, "rejected", "norm-outlier", duplicate=True))
+    robust = core.status()["robust"]
+    assert (robust["checked"], robust["rejected"], robust["history"]) == (5, 1, 5)  # type: ignore[index]
+    assert core.ledger.recent_norms(10)[-1] == pytest.approx(update_norm(scaled(spec, 7, 100.0)))
+    # While warming up, no update may outgrow the model (norm 11.4) it is added to.
+    fresh = robust_core(tmp_path / "fresh", spec, warmup=4, norm_history=10)
+    assert send(fresh, spec, device="evil", seq=0, parts=scaled(spec, 7, 100.0)) == Receipt(
+        "evil", 0, "rejected", "norm-outlier")
+    assert send(fresh, spec, device="evil", seq=1, parts=scaled(spec, 7, 10.0)).outcome == (
+        "accepted")  # norm 9.2
+    assert fresh.status()["robust"]["clipped"] == 0  # type: ignore[index]
+
+
+def test_an_update_above_the_clip_bound_is_folded_scaled_onto_it(
+        tmp_path: Path, spec: ModelSpec) -> None:
+    core = robust_core(tmp_path, spec, warmup=4, norm_history=10, clip_multiple=3.0)
+    advance(core, spec, 2)
+    v2 = core.current
+    median = float(np.median(core.screen.tracker.norms))
+    big, small = scaled(spec, 8, 5.0), delta(spec, 9)
+    assert send(core, spec, device="a", parts=big, num_samples=10, base=2).outcome == "accepted"
+    assert send(core, spec, device="b", parts=small, num_samples=30, base=2).outcome == (
+        "accepted")
+    scale = 3.0 * median / update_norm(big)
+    assert 0.1 < scale < 1
+    assert core.ledger.buffered()[0].scale == pytest.approx(scale)
+    v3 = core.next_version()
+    for name in spec.parts:
+        mean = (10 * scale * big[name].astype(np.float64) + 30 * small[name]) / 40
+        np.testing.assert_allclose(v3.parts[name], v2.parts[name] + mean, rtol=1e-5, atol=1e-6)
+    assert core.status()["robust"]["clipped"] == 1  # type: ignore[index]
+
+
+def test_a_restarted_hub_keeps_its_norm_history_and_refolds_with_the_same_scale(
+        tmp_path: Path, spec: ModelSpec) -> None:
+    core = robust_core(tmp_path, spec, warmup=4, norm_history=6)
+    advance(core, spec, 3)
+    assert send(core, spec, device="a", parts=scaled(spec, 8, 5.0), base=3).outcome == (
+        "accepted")
+    before, norms = buffer_state(core), core.screen.tracker.norms
+    assert len(norms) == 6  # 7 screened, the newest 6 kept
+    again = HubCore(core.config, spec, ModelStore(core.store.directory),
+                    Ledger(tmp_path / "ledger.sqlite"))
+    assert again.screen.tracker.norms == norms
+    state = buffer_state(again)
+    assert state[0] == before[0] and state[2:] == before[2:]  # the deadline is on a new clock
+    for seq, hub in enumerate((core, again)):
+        assert send(hub, spec, device="evil", seq=seq, parts=scaled(spec, 9, 50.0), base=3) == (
+            Receipt("evil", seq, "rejected", "norm-outlier"))
+
+
+def test_reloading_another_rule_refolds_the_buffer(tmp_path: Path, spec: ModelSpec) -> None:
+    core = robust_core(tmp_path, spec)
+    deltas = [delta(spec, seed) for seed in (1, 2, 3)]
+    for i, d in enumerate(deltas):
+        assert send(core, spec, device=f"d{i}", parts=d, num_samples=10 + i).outcome == (
+            "accepted")
+    assert core.status()["robust"]["buffer_bytes"] == 8 * sum(spec.parts.values())  # type: ignore[index]
+    core.reconfigure(dataclasses.replace(core.config, robust=RobustConfig(rule="median")))
+    assert isinstance(core.buffer.reducer, Median) and len(core.buffer) == 3
+    assert core.status()["robust"]["buffer_bytes"] == 3 * 4 * sum(spec.parts.values())  # type: ignore[index]
+    v0 = core.current
+    v1 = core.next_version()
+    for name in spec.parts:
+        median = np.median([d[name] for d in deltas], axis=0)
+        np.testing.assert_allclose(v1.parts[name], v0.parts[name] + median, rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_huge_updates_are_norm_outliers_from_the_first_one(core: HubCore,
+                                                         spec: ModelSpec) -> None:
+    huge = {name: np.full(n, np.finfo(np.float32).max, np.float32)
+            for name, n in spec.parts.items()}
+    for seq in range(3):
+        assert send(core, spec, device="evil", seq=seq, parts=huge).reason == "norm-outlier"
+    assert len(core.buffer) == 0

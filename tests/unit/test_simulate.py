@@ -7,8 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fedd.config import RobustConfig
 from fedd.fleet.simulate import (
     MANIFEST,
+    Attack,
     SimOptions,
     SimResult,
     load_fleet,
@@ -92,6 +94,44 @@ def test_a_skewed_short_run_reports_each_persons_classes() -> None:
         assert person.classes == data.classes and 2 <= len(person.classes) <= 4
 
 
+def test_a_screen_without_bounds_changes_nothing(finetune: SimResult) -> None:
+    measured = simulate(dataclasses.replace(
+        SHORT, robust=RobustConfig(clip_multiple=None, reject_multiple=None)))
+    assert measured.people == finetune.people
+    assert (measured.updates_rejected, measured.updates_clipped) == (0, 0)
+
+
+def test_attackers_scale_their_updates_and_the_screen_refuses_them(
+        finetune: SimResult) -> None:
+    attack = Attack(factor=100.0, devices=1)
+    undefended = simulate(dataclasses.replace(SHORT, attack=attack))
+    assert len(undefended.attackers) == 1 and undefended.attackers[0] in PEOPLE
+    assert undefended.global_accuracy.mean() < finetune.global_accuracy.mean() - 0.2
+    defended = simulate(dataclasses.replace(SHORT, attack=attack,
+                                            robust=RobustConfig(warmup=1)))
+    assert defended.attackers == undefended.attackers  # drawn from the seed
+    assert defended.updates_rejected >= 4  # most of the attacker's ~6 updates
+    assert defended.global_accuracy.mean() > finetune.global_accuracy.mean() - 0.05
+    again = SimResult.from_json(defended.to_json())
+    assert again == defended and again.options.attack == attack
+    assert again.options.robust == RobustConfig(warmup=1)
+
+
+def test_an_async_fleet_that_stops_making_versions_ends() -> None:
+    """A x1e12 update wrecks the plain mean; every later update is non-finite."""
+    result = simulate(dataclasses.replace(SHORT, mode="async",
+                                          attack=Attack(factor=1e12, devices=1)))
+    assert result.versions < SHORT.rounds
+    assert result.local_rounds == 3 * SHORT.rounds * SHORT.per_round
+    assert result.updates_invalid > result.updates_folded
+
+
+def test_a_robust_rule_runs_in_the_simulation() -> None:
+    result = simulate(dataclasses.replace(SHORT, rounds=4, per_round=3,
+                                          robust=RobustConfig(rule="median")))
+    assert result.versions == 4 and result.personal_accuracy.mean() > 0.6
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"strategy": "fedprox"}, "unknown strategy"),
     ({"strategy_params": {"lam": 0.1}}, "does not take"),
@@ -99,7 +139,14 @@ def test_a_skewed_short_run_reports_each_persons_classes() -> None:
     ({"people": (1, 1)}, "distinct"),
     ({"mode": "later"}, "mode must be"),
     ({"rounds": 0}, "rounds must be"),
+    ({"attack": Attack(factor=100.0, devices=5)}, "needs as many people"),
 ])
 def test_bad_options_are_refused(change: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(SHORT, **change)
+
+
+@pytest.mark.parametrize("attack", [{"factor": float("nan")}, {"factor": 2.0, "devices": 0}])
+def test_bad_attacks_are_refused(attack: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="attack"):
+        Attack(**attack)  # type: ignore[arg-type]
