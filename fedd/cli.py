@@ -44,7 +44,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from fedd.service import Notifier, serve, setup_logging
 
     config = load_agent_config(args.config)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, identifier="fedd",
+                  fields={"FEDD_ROLE": "agent", "FEDD_DEVICE": config.device_id,
+                          "FEDD_FLEET": config.fleet})
     notifier = Notifier()
     asyncio.run(serve(Agent(config, notifier), notifier, lambda: load_agent_config(args.config)))
     return EXIT_OK
@@ -55,7 +57,8 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from fedd.service import Notifier, serve, setup_logging
 
     config = load_hub_config(args.config)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, identifier="fedd-hub",
+                  fields={"FEDD_ROLE": "hub", "FEDD_FLEET": config.fleet})
     notifier = Notifier()
     asyncio.run(serve(HubService(config, notifier), notifier,
                       lambda: load_hub_config(args.config)))
