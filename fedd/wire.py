@@ -42,8 +42,9 @@ MODEL_TAG_BYTES = 4  # the first bytes of the model file's sha256
 CHECKSUM_BYTES = 4  # CRC-32 (zlib.crc32) of every byte before it, little-endian
 MAX_VARINT_BYTES = 9  # 63 bits: every count is < 2**63
 MAX_CREATED = 2**53  # as format 1: a float holds it exactly
-# format byte, tag, five one-byte varints, one payload byte, the checksum
-MIN_COMPACT_BYTES = 1 + MODEL_TAG_BYTES + 5 + 1 + CHECKSUM_BYTES
+# format byte, tag, five one-byte varints, the shortest stack (version, count, one
+# code), a one-byte part, the checksum
+MIN_COMPACT_BYTES = 1 + MODEL_TAG_BYTES + 5 + 3 + 1 + CHECKSUM_BYTES
 CODEC_FLOAT32 = "float32"
 TRIGGER_VERSION = "version"  # a round on a global version the device had not trained on
 TRIGGER_DRIFT = "drift"  # a round its own data's drift asked for
@@ -293,16 +294,16 @@ def _checksum(data: bytes) -> bytes:
     return zlib.crc32(data).to_bytes(CHECKSUM_BYTES, "little")
 
 
-def _stack_of(payload: bytes) -> Pipeline:
-    """The (decode-side) pipeline a part's stack header names, e.g. topk+q:4:256+zstd."""
-    reader = Reader(payload)
+def _read_stack(reader: Reader) -> tuple[bytes, Pipeline]:
+    """A pipeline header (version, stages) at the reader: its bytes and its pipeline."""
     try:
         version = reader.byte("the pipeline version")
         if version != PIPELINE_VERSION:
             raise DecodeError("unknown-version", f"pipeline format {version}")
-        return Pipeline(pipeline_spec.read_header(reader))
+        pipeline = Pipeline(pipeline_spec.read_header(reader))
     except (DecodeError, SpecError) as exc:
-        raise WireError("unknown-codec", f"the first part's stack header: {exc}") from None
+        raise WireError("unknown-codec", f"the stack header: {exc}") from None
+    return pipeline.header, pipeline
 
 
 @dataclass(frozen=True)
@@ -317,10 +318,12 @@ class ModelUpdate:
     `format` is the encoding `encode` writes and `decode` read: 1, the CBOR
     map, or 2, the compact record (`encode(model=…)`, `decode(…, device=…,
     model=…)`), which leaves out what the topic and the model already say.
-    A format-2 update decodes with the device of its topic, the model's
-    name, `created` in whole seconds and, as `codec`, the stack its first
-    part's header names (``topk+q:4:256+zstd``: k and the zstd level are
-    the encoder's choice and not on the wire).
+    A format-2 update states the pipeline header once for all its parts
+    and leaves out each part's length n (the model's): it decodes with the
+    device of its topic, the model's name, `created` in whole seconds, as
+    `codec` the stack that header names (``topk+q:4:256+zstd``: k and the
+    zstd level are the encoder's choice and not on the wire), and as
+    `parts` the whole pipeline payloads again.
     """
 
     device: str
@@ -385,10 +388,15 @@ class ModelUpdate:
                              f"{model.name}'s {names}")
         header = self.pipeline.header
         present = [name for name in names if name in self.parts]
-        for name in present:
-            if not 0 < len(self.parts[name]) <= MAX_PART_PAYLOAD \
-                    or not self.parts[name].startswith(header):
-                raise ValueError(f"part {name} is not a {self.codec} payload")
+        bodies = []
+        for name in present:  # each payload is the header, n, then its body
+            prefix = header + varint(model.parts[name])
+            payload = self.parts[name]
+            if not (len(prefix) < len(payload) <= MAX_PART_PAYLOAD
+                    and payload.startswith(prefix)):
+                raise ValueError(f"part {name} is not a {self.codec} payload of "
+                                 f"{model.parts[name]} values")
+            bodies.append(payload[len(prefix):])
         if self.trigger not in TRIGGERS:
             raise ValueError(f"trigger {self.trigger!r} is not one of {TRIGGERS}")
         created = math.floor(self.created)
@@ -401,9 +409,10 @@ class ModelUpdate:
         out += model_tag(model)
         for number in (self.seq, self.base_version, self.num_samples, created, flags):
             out += varint(number)
-        for name in present[:-1]:
-            out += varint(len(self.parts[name])) + self.parts[name]
-        out += self.parts[present[-1]]  # the last part runs up to the checksum
+        out += header
+        for body in bodies[:-1]:
+            out += varint(len(body)) + body
+        out += bodies[-1]  # the last part runs up to the checksum
         return bytes(out + _checksum(out))
 
     @classmethod
@@ -462,18 +471,23 @@ class ModelUpdate:
             if not mask or mask >> len(names):
                 raise WireError("bad-parts", f"part mask {mask:#x} for {len(names)} parts")
             present = [name for i, name in enumerate(names) if mask >> i & 1]
+        except DecodeError as exc:  # truncated, bad-varint: the Reader's own reasons
+            raise WireError(exc.reason, exc.detail) from None
+        header, stack = _read_stack(reader)
+        try:
             for name in present[:-1]:
                 size = reader.uvarint(f"part {name}'s length", max_len=MAX_VARINT_BYTES)
                 if not 0 < size <= MAX_PART_PAYLOAD:
                     raise WireError("bad-parts", f"part {name} of {size} bytes")
                 parts[name] = reader.take(size, f"part {name}")
-        except DecodeError as exc:  # truncated, bad-varint: the Reader's own reasons
+        except DecodeError as exc:
             raise WireError(exc.reason, exc.detail) from None
-        parts[present[-1]] = last = reader.rest()
-        if not last:
-            raise WireError("bad-parts", f"part {present[-1]} is empty")
-        # The payloads are read at the hub (read_part); the first one's header names the codec.
-        stack = _stack_of(parts[present[0]])
+        parts[present[-1]] = reader.rest()
+        for name, body in parts.items():
+            if not body:
+                raise WireError("bad-parts", f"part {name} is empty")
+            # The whole pipeline payload again, read at the hub (read_part).
+            parts[name] = header + varint(model.parts[name]) + body
         update = cls(device=device, seq=seq, base_version=base_version, model=model.name,
                      num_samples=num_samples, parts=parts, created=float(created),
                      codec=stack.spec, trigger=TRIGGER_DRIFT if flags & 1 else TRIGGER_VERSION,

@@ -705,7 +705,9 @@ def record(*varints: int, tag: bytes = bytes.fromhex("63da1295"), rest: bytes = 
     return sealed(out + rest)
 
 
+STACK = Pipeline.from_spec("topk:0.1+q:4").header  # 01 02 10 03 04 08
 PAYLOAD = Pipeline.from_spec("topk:0.1+q:4").encode(np.ones(SIZES["head"], np.float32)).payload
+BODY = PAYLOAD[len(STACK) + 1 :]  # after the header and n (17: one byte)
 
 
 @pytest.mark.parametrize("codec", ["float32", "topk:0.1+q:4", "topk:0.1+q:4+zstd", "f16",
@@ -736,11 +738,15 @@ def test_format2_carries_the_trigger_and_any_subset_of_parts() -> None:
     assert set(decode2(compact(parts=head_only).encode(model=MODEL)).parts) == {"head"}
 
 
-def test_format2_header_is_25_bytes_for_two_parts() -> None:
-    """1 format + 4 tag + 6 seq + 1 base + 2 samples + 5 created + 1 flags + 1 length + 4 CRC."""
+def test_format2_header_is_25_bytes_and_the_stack_is_stated_once() -> None:
+    """1 format + 4 tag + 6 seq + 1 base + 2 samples + 5 created + 1 flags + 1 length + 4 CRC,
+    and the stack header once instead of the header and n in every part."""
     sent = compact()
     payloads = sum(len(p) for p in sent.parts.values())
-    assert len(sent.encode(model=MODEL)) == payloads + 25
+    stack = len(sent.pipeline.header)
+    per_part = sum(stack + len(varint_bytes(SIZES[name])) for name in sent.parts)
+    assert (stack, per_part) == (6, 6 + 2 + 6 + 1)
+    assert len(sent.encode(model=MODEL)) == payloads - per_part + stack + 25
     assert len(replace(sent, format=1).encode()) > payloads + 150  # keys, names, codec text
 
 
@@ -774,26 +780,30 @@ def test_format2_refusals_in_order() -> None:
 
 
 @pytest.mark.parametrize(("varints", "rest", "reason"), [
-    ((SEQ, 3, 250, 1_700_000_000, 0b110), bytes([len(PAYLOAD)]) + PAYLOAD,
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + bytes([len(BODY)]) + BODY,
      "bad-parts"),  # two parts, the last empty
-    ((SEQ, 3, 250, 1_700_000_000, 0b001), PAYLOAD, "bad-parts"),  # no part: a drift flag
-    ((SEQ, 3, 250, 1_700_000_000, 0b1000), PAYLOAD, "bad-parts"),  # bit past the 2 parts
-    ((SEQ, 3, 250, 1_700_000_000, 0b110), b"\x00" + PAYLOAD, "bad-parts"),  # empty body
-    ((SEQ, 3, 250, 1_700_000_000, 0b110), b"\x7f" + PAYLOAD, "truncated"),  # past the end
-    ((SEQ, 3, 0, 1_700_000_000, 0b100), PAYLOAD, "bad-field"),  # num_samples 0
-    ((SEQ, 3, 250, 2**53 + 1, 0b100), PAYLOAD, "bad-field"),  # created past a float's ints
+    ((SEQ, 3, 250, 1_700_000_000, 0b001), STACK + BODY, "bad-parts"),  # no part: drift alone
+    ((SEQ, 3, 250, 1_700_000_000, 0b1000), STACK + BODY, "bad-parts"),  # past the 2 parts
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + b"\x00" + BODY, "bad-parts"),  # empty body
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + b"\x7f" + BODY, "truncated"),  # past the end
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + b"\x80\x00" + BODY, "bad-varint"),
+    ((SEQ, 3, 0, 1_700_000_000, 0b100), STACK + BODY, "bad-field"),  # num_samples 0
+    ((SEQ, 3, 250, 2**53 + 1, 0b100), STACK + BODY, "bad-field"),  # past a float's integers
     ((SEQ, 3, 250), b"", "truncated"),  # fields missing: ends inside a varint
-    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x09" + PAYLOAD[1:], "unknown-codec"),
-    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x01\x01\x77" + PAYLOAD[3:], "unknown-codec"),
-    ((SEQ, 3, 250, 1_700_000_000, 0b100), PAYLOAD, None),  # the control: a valid head
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x09" + STACK[1:] + BODY, "unknown-codec"),
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), STACK[:2] + b"\x77" + BODY, "unknown-codec"),
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x01\x02\x03\x04\x08\x10" + BODY,
+     "unknown-codec"),  # q before topk: no encoder writes that stack
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x01\x02\x10", "unknown-codec"),  # cut short
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), STACK + BODY, None),  # the control: a valid head
 ])
 def test_format2_field_refusals(varints: tuple[int, ...], rest: bytes,
                                 reason: str | None) -> None:
     payload = record(*varints, rest=rest)
-    if len(payload) < 15:
-        payload = record(*varints, rest=b"\x80\x80\x80")  # long enough, ends in a varint
+    if len(payload) < 18:
+        payload = record(*varints, rest=b"\x80" * 6)  # long enough, ends in a varint
     if reason is None:
-        assert decode2(payload).parts == {"head": PAYLOAD}
+        assert decode2(payload).parts == {"head": PAYLOAD}  # the whole payload again
     else:
         assert reason2(payload) == reason
 
@@ -805,7 +815,7 @@ def test_format2_field_refusals(varints: tuple[int, ...], rest: bytes,
 def test_format2_varints_are_short_and_shortest(bad: bytes) -> None:
     out = bytearray([2]) + bytes.fromhex("63da1295") + bad
     out += varint_bytes(3) + varint_bytes(250) + varint_bytes(1_700_000_000) + b"\x04"
-    assert reason2(sealed(out + PAYLOAD)) == "bad-varint"
+    assert reason2(sealed(out + STACK + BODY)) == "bad-varint"
 
 
 def test_format2_largest_counts_round_trip() -> None:
@@ -839,34 +849,41 @@ def test_format2_encoder_refuses_parts_of_mixed_stacks() -> None:
         mixed.encode(model=MODEL)
 
 
-def test_format2_stack_mismatch_is_found_when_the_part_is_read() -> None:
-    """The codec is the first part's stack; another part of another stack fails its read."""
-    head = update().parts["head"]  # float32
-    body = compact().parts["body"]
-    payload = record(SEQ, 3, 250, 1_700_000_000, 0b110,
-                     rest=varint_bytes(len(body)) + body + head)
-    got = decode2(payload)
-    assert got.codec == "topk+q:4:256"
+def test_format2_parts_are_read_at_the_models_lengths() -> None:
+    """n is not on the wire: a part is the model's length, and a body that does not fit the
+    stack at that length fails its read at the hub (payload-<reason>)."""
+    got = decode2(record(SEQ, 3, 250, 1_700_000_000, 0b100, rest=STACK + BODY + b"\x00"))
+    assert got.parts["head"].startswith(STACK + bytes([17]))
     with pytest.raises(DecodeError) as info:
         got.read_part("head", length=SIZES["head"])
-    assert info.value.reason == "stack-mismatch"
+    assert info.value.reason == "trailing-bytes"
+    # A part of another length is another model, which the tag refuses; were the tag to
+    # collide, a body must still fit its stack at the hub's length (float32: 4 bytes each).
+    dense = compact(codec="float32").encode(model=MODEL)
+    bigger = decode2(dense, model=Model(parts={"body": 300, "head": 18}))
+    with pytest.raises(DecodeError) as info:
+        bigger.read_part("head", length=18)
+    assert info.value.reason == "truncated"
 
 
 def test_format2_documented_example_bytes() -> None:
     """docs/wire-format.md's example header, field by field."""
     sent = compact(seq=SEQ, base_version=12, num_samples=180, created=1_795_424_575.8)
     out = sent.encode(model=MODEL)
-    body = sent.parts["body"]
-    assert len(body) < 128 and out[:21].hex(" ") == ("02"  # format 2
-                                 " 63 da 12 95"  # the model tag: sha256 63da1295...
-                                 " b6 b5 93 bd a0 34"  # seq 1795424574134
-                                 " 0c"  # base_version 12
-                                 " b4 01"  # num_samples 180
-                                 " bf 82 90 d8 06"  # created 1795424575 (whole seconds)
-                                 " 06"  # flags: part mask 0b11 (body, head) << 1, version
-                                 " " + varint_bytes(len(body)).hex())  # the body's length
-    assert out[21 : 21 + len(body)] == body
-    assert out[21 + len(body) : -4] == sent.parts["head"]  # the last part, to the CRC
+    body = sent.parts["body"][len(STACK) + 2 :]  # n = 300: two bytes
+    head = sent.parts["head"][len(STACK) + 1 :]
+    assert len(body) < 128 and out[:27].hex(" ") == (
+        "02"  # format 2
+        " 63 da 12 95"  # the model tag: sha256 63da1295...
+        " b6 b5 93 bd a0 34"  # seq 1795424574134
+        " 0c"  # base_version 12
+        " b4 01"  # num_samples 180
+        " bf 82 90 d8 06"  # created 1795424575 (whole seconds)
+        " 06"  # flags: part mask 0b11 (body, head) << 1, trigger version
+        " 01 02 10 03 04 08"  # the stack once: pipeline v1, 2 stages, topk, q 4 bits 2^8
+        " " + varint_bytes(len(body)).hex())  # the body's length, then its body
+    assert out[27 : 27 + len(body)] == body
+    assert out[27 + len(body) : -4] == head  # the last part, to the CRC
     assert out[-4:] == zlib.crc32(out[:-4]).to_bytes(4, "little")
 
 
@@ -952,6 +969,5 @@ def test_fuzz2_truncate_and_splice(valid: bytes, cut: int, resume: int,
 def test_fuzz2_field_values(seq: int, base: int, samples: int, created: int,
                             flags: int) -> None:
     """Any numbers in the five varints, with a valid part behind them."""
-    decodes_or_refuses2(record(seq, base, samples, created, flags,
-                               rest=VALID2[-4 - len(compact(parts=FUZZ_DELTAS, codec="float32")
-                                                     .parts["head"]):-4]))
+    head = compact(parts=FUZZ_DELTAS, codec="float32").parts["head"]  # header, n = 6, body
+    decodes_or_refuses2(record(seq, base, samples, created, flags, rest=head[:3] + head[4:]))
