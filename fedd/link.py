@@ -7,7 +7,9 @@ ours runs paho's network loop and owns the reconnection policy (full-jitter
 backoff, reset once a connection has held); paho's callbacks cross into
 asyncio only with `loop.call_soon_threadsafe`. paho keeps unacknowledged messages in memory
 only, so a publish while the link is down fails at once with `LinkDown`
-and durability stays with the caller's outbox. Timeouts use
+and durability stays with the caller's outbox. `publish(..., alias=True)`
+sends a QoS 1 topic as an MQTT v5 topic alias once the broker has taken it
+on this connection (`TopicAliases` says how). Timeouts use
 `asyncio.timeout`, never `asyncio.wait_for`: on Python 3.11 the latter can
 swallow a cancellation that races a completion, and a task that survives
 its cancellation keeps a daemon from stopping.
@@ -79,9 +81,20 @@ class Will:
     retain: bool = True
 
 
-def publish_wire_bytes(topic: str, payload: bytes, qos: int) -> int:
-    """Size of the MQTT v5 PUBLISH packet that carries `payload` (no properties)."""
-    variable = 2 + len(topic.encode()) + (2 if qos else 0) + 1  # topic, packet id, props len
+TOPIC_ALIAS_BYTES = 3  # the Topic Alias property: identifier 0x23 and a two-byte number
+
+
+def publish_wire_bytes(topic: str, payload: bytes, qos: int, *,
+                       topic_alias: int | None = None) -> int:
+    """Size of the MQTT v5 PUBLISH packet that carries `payload`.
+
+    `topic` as sent: "" when the alias alone stands for it. With
+    `topic_alias` the property block holds the Topic Alias (3 bytes), else
+    nothing: fixed header, remaining length, topic, packet id (QoS > 0),
+    property length and properties, payload.
+    """
+    properties = TOPIC_ALIAS_BYTES if topic_alias is not None else 0
+    variable = 2 + len(topic.encode()) + (2 if qos else 0) + 1 + properties
     remaining = variable + len(payload)
     length_bytes = 1
     while remaining >= 128**length_bytes:
@@ -91,6 +104,42 @@ def publish_wire_bytes(topic: str, payload: bytes, qos: int) -> int:
 
 def _network_thread_writes(_client: mqtt.Client, _userdata: object, _sock: object) -> None:
     """Nothing to do: the network thread's loop() sees the queued packet and writes it."""
+
+
+class TopicAliases:
+    """The topic aliases of one connection, client → broker (MQTT v5, 3.3.2.3.4).
+
+    The broker's CONNACK says how many it takes (Topic Alias Maximum;
+    Mosquitto's `max_topic_alias`, default 10; absent or 0: none). A topic
+    gets the next free number on its first aliased publish, which carries
+    the full topic and the alias; the alias goes alone (an empty topic) only
+    once the broker has acknowledged such a publish on this connection. The
+    map belongs to the connection: a new one starts empty, and a QoS 1
+    message that carried an alias on the old one must not be resent as it
+    is (the broker would not know the alias, or would know it as another
+    topic): `Link` drops those, and their publishers, told `LinkDown`, send
+    again. Not thread-safe: `Link` holds its lock around every call.
+    """
+
+    def __init__(self, maximum: int = 0) -> None:
+        self.maximum = maximum
+        self._numbers: dict[str, int] = {}
+        self._known: set[str] = set()  # acknowledged by the broker on this connection
+
+    def plan(self, topic: str, *, assign: bool) -> tuple[str, int | None]:
+        """(topic as sent, alias or None) for the next publish; `assign` takes a number."""
+        number = self._numbers.get(topic)
+        if number is None:
+            if len(self._numbers) >= self.maximum:
+                return topic, None
+            number = len(self._numbers) + 1
+            if assign:
+                self._numbers[topic] = number
+        return ("" if topic in self._known else topic), number
+
+    def acknowledged(self, topic: str) -> None:
+        if topic in self._numbers:
+            self._known.add(topic)
 
 
 @dataclass(frozen=True)
@@ -194,6 +243,10 @@ class Link:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected_at: float | None = None  # monotonic time of the latest CONNACK
+        self._generation = 0  # CONNACKs so far, on the network thread (guarded by _lock)
+        self._aliases = TopicAliases()  # this connection's (guarded by _lock)
+        self._aliased: dict[int, tuple[str, int]] = {}  # mid → (topic, generation), QoS 1
+        self._aliasing = 0  # aliased publishes between their plan and their registration
         self.connected = asyncio.Event()
         self.connections = 0  # bumps on every (re)connect, to re-announce retained state
         self.dropped_messages = 0
@@ -263,25 +316,62 @@ class Link:
         async with asyncio.timeout(timeout):
             await self.connected.wait()
 
+    def wire_bytes(self, topic: str, payload: bytes, *, qos: int = 1,
+                   alias: bool = False) -> int:
+        """The bytes of the PUBLISH that `publish` would send now (topic or alias)."""
+        sent, number = topic, None
+        if alias and qos:
+            with self._lock:
+                sent, number = self._aliases.plan(topic, assign=False)
+        return publish_wire_bytes(sent, payload, qos, topic_alias=number)
+
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      timeout: float = 30.0) -> None:
+                      timeout: float = 30.0, alias: bool = False) -> None:
         """Publish and, for QoS 1, wait for the broker's PUBACK.
 
-        paho may report a message published before `publish()` has even
-        returned its id, so each report is matched to its publish either way
-        round (`_pending` or `_early`). Our lock is never held while calling
-        into paho: its network thread holds paho's own lock when it calls us.
+        `alias` (QoS 1 only): use a topic alias when the broker takes them,
+        so that once it has acknowledged one publish on this connection the
+        topic is not sent again (`TopicAliases`; `wire_bytes` tells the
+        size). paho may report a message published before `publish()` has
+        even returned its id, so each report is matched to its publish
+        either way round (`_pending` or `_early`). Our lock is never held
+        while calling into paho: its network thread holds paho's own lock
+        when it calls us.
         """
         if not self.connected.is_set():
             raise LinkDown("not connected")
+        sent, number, properties = topic, None, None
+        if alias and qos:
+            with self._lock:
+                sent, number = self._aliases.plan(topic, assign=True)
+                generation = self._generation
+                if number is not None:
+                    self._aliasing += 1
+            if number is not None:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.TopicAlias = number
         future = asyncio.get_running_loop().create_future() if qos else None
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise LinkDown(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        try:
+            info = self._client.publish(sent, payload, qos=qos, retain=retain,
+                                        properties=properties)
+        except BaseException:
+            if number is not None:
+                with self._lock:
+                    self._aliasing -= 1
+            raise
         with self._lock:
+            if number is not None:  # paho may resend it: see _drop_aliased
+                self._aliasing -= 1
+                self._aliased[info.mid] = (topic, generation)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise LinkDown(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
             early = self._early.pop(info.mid, None)
             if early is None:
                 self._pending[info.mid] = future
+            elif number is not None:
+                self._aliased.pop(info.mid, None)
+                if not early[0].is_failure and generation == self._generation:
+                    self._aliases.acknowledged(topic)
         if future is None:
             return  # QoS 0: its report only needs consuming, done either way round
         try:
@@ -318,11 +408,19 @@ class Link:
             raise PublishRejected(topic, str(reason))
 
     def _on_connect(self, client: mqtt.Client, _userdata: object, _flags: object,
-                    reason: ReasonCode, _props: object) -> None:
+                    reason: ReasonCode, props: Properties | None) -> None:
         if reason.is_failure:
             self.stats.failed_attempts += 1
             log.warning("broker %s:%d refused the connection: %s", self._host, self._port, reason)
             return
+        maximum = int(getattr(props, "TopicAliasMaximum", 0) or 0)
+        with self._lock:
+            self._generation += 1
+            self._aliases = TopicAliases(maximum)
+            stale, self._aliased = self._aliased, {}
+            racing = self._aliasing
+        if stale or racing:
+            self._drop_aliased(client)
         if self._subscriptions:
             client.subscribe(self._subscriptions)
         self._connected_at = time.monotonic()
@@ -331,6 +429,30 @@ class Link:
         log.info("connected to %s:%d (session %s)", self._host, self._port,
                  "resumed" if getattr(_flags, "session_present", False) else "new")
         self._call(self._set_connected)
+
+    @staticmethod
+    def _drop_aliased(client: mqtt.Client) -> None:
+        """Keep paho from resending, on this new connection, what carried an old alias.
+
+        paho resends unacknowledged QoS 1 messages after the CONNACK, as they
+        were built: an alias alone that this connection never set is a
+        protocol error (Mosquitto closes the connection, and the resend
+        would come again on every reconnect), and an alias set here for
+        another topic would deliver the message on that topic. Their
+        publishers were told LinkDown and send again. paho has no way to
+        take out single messages (`drop_out_messages` takes all), so the
+        others are queued again as they were. (A publish whose alias was
+        planned on the old connection but that paho sends on this one, a
+        window of microseconds, is refused by the broker, which closes the
+        connection; it is dropped here on the next one.)
+        """
+        out = client.drop_out_messages()
+        kept = [m for m in out if getattr(m.properties, "TopicAlias", None) is None]
+        log.info("dropped %d unacknowledged aliased publish(es) of the last connection",
+                 len(out) - len(kept))
+        for message in kept:
+            client.publish(message.topic, message.payload, qos=message.qos,
+                           retain=message.retain, properties=message.properties)
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: object, _flags: object,
                        reason: ReasonCode, _props: object) -> None:
@@ -343,6 +465,10 @@ class Link:
                     reason: ReasonCode, _props: object) -> None:
         now = time.monotonic()
         with self._lock:
+            aliased = self._aliased.pop(mid, None)
+            if aliased is not None and not reason.is_failure \
+                    and aliased[1] == self._generation:
+                self._aliases.acknowledged(aliased[0])
             if mid not in self._pending:
                 # Either publish() has not registered `mid` yet, or this is a
                 # resend from before a disconnect whose caller already gave up;

@@ -1,6 +1,8 @@
 """Wire messages between agents and the hub, and their strict codecs (v1).
 
-Updates and models are CBOR (RFC 8949) maps; heartbeats and status are JSON
+Models are CBOR (RFC 8949) maps; updates are a CBOR map (format 1) or a
+compact binary record (format 2: varints, a model tag and a CRC-32, no
+names the topic or the model already give); heartbeats and status are JSON
 so an operator can read them with `mosquitto_sub`. Every decoder takes
 untrusted bytes: it bounds the size before parsing, demands exactly the
 documented keys with exact types and ranges, and raises `WireError` whose
@@ -15,16 +17,34 @@ import io
 import json
 import math
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import cbor2
 import numpy as np
 
-from fedd.pipeline import Decoded, Pipeline, SpecError, largest_payload
+from fedd.pipeline import VERSION as PIPELINE_VERSION
+from fedd.pipeline import Decoded, DecodeError, Pipeline, SpecError, largest_payload
+from fedd.pipeline import spec as pipeline_spec
+from fedd.pipeline.reader import Reader
+from fedd.pipeline.varint import encode_one as varint
 
 FORMAT = 1
+# ModelUpdate format 2 (docs/wire-format.md, "ModelUpdate, format 2"): its first byte is
+# its format number. Bytes 0x00-0x17 are CBOR's small unsigned integers, so no format-1
+# update (a CBOR map, 0xa0-0xbf) and no signed envelope (0x82) starts with one; 0x02 is
+# format 2 and the others up to 0x17 are kept for later formats (unknown-format).
+UPDATE_FORMAT_COMPACT = 2
+COMPACT_FIRST_BYTES = range(0x18)
+MODEL_TAG_BYTES = 4  # the first bytes of the model file's sha256
+CHECKSUM_BYTES = 4  # CRC-32 (zlib.crc32) of every byte before it, little-endian
+MAX_VARINT_BYTES = 9  # 63 bits: every count is < 2**63
+MAX_CREATED = 2**53  # as format 1: a float holds it exactly
+# format byte, tag, five one-byte varints, the shortest stack (version, count, one
+# code), a one-byte part, the checksum
+MIN_COMPACT_BYTES = 1 + MODEL_TAG_BYTES + 5 + 3 + 1 + CHECKSUM_BYTES
 CODEC_FLOAT32 = "float32"
 TRIGGER_VERSION = "version"  # a round on a global version the device had not trained on
 TRIGGER_DRIFT = "drift"  # a round its own data's drift asked for
@@ -248,6 +268,54 @@ def encode_deltas(pipeline: Pipeline, deltas: Mapping[str, np.ndarray],
     return EncodedDeltas(payloads, kept, measurements)
 
 
+class WireModel(Protocol):
+    """What format 2 needs to know of the model: `fedd.model.ModelSpec` is one."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def parts(self) -> Mapping[str, int]: ...
+
+
+def model_tag(model: WireModel) -> bytes:
+    """The model's tag in a format-2 update: the first 4 bytes of its file's sha256."""
+    try:
+        tag = bytes.fromhex(model.sha256[: 2 * MODEL_TAG_BYTES])
+    except (TypeError, ValueError):
+        tag = b""
+    if len(tag) != MODEL_TAG_BYTES:
+        raise ValueError(f"model {model.name}: sha256 {model.sha256!r} is not hex")
+    return tag
+
+
+def _part_order(model: WireModel) -> list[str]:
+    """A format-2 part mask's bit i is the i-th part of the model in name order."""
+    names = sorted(model.parts)
+    if not 0 < len(names) <= MAX_PARTS:
+        raise ValueError(f"model {model.name} has {len(names)} parts (1 to {MAX_PARTS})")
+    return names
+
+
+def _checksum(data: bytes) -> bytes:
+    return zlib.crc32(data).to_bytes(CHECKSUM_BYTES, "little")
+
+
+def _read_stack(reader: Reader) -> tuple[bytes, Pipeline]:
+    """A pipeline header (version, stages) at the reader: its bytes and its pipeline."""
+    try:
+        version = reader.byte("the pipeline version")
+        if version != PIPELINE_VERSION:
+            raise DecodeError("unknown-version", f"pipeline format {version}")
+        pipeline = Pipeline(pipeline_spec.read_header(reader))
+    except (DecodeError, SpecError) as exc:
+        raise WireError("unknown-codec", f"the stack header: {exc}") from None
+    return pipeline.header, pipeline
+
+
 @dataclass(frozen=True)
 class ModelUpdate:
     """Device → hub: the delta of the shared weights from one local round.
@@ -256,6 +324,16 @@ class ModelUpdate:
     `parts` holds each part's pipeline payload. Build one from float32 deltas
     with `from_deltas` (or `encode_deltas` to keep the residuals); the hub
     reads a part with `read_part`, which needs the part's expected length.
+
+    `format` is the encoding `encode` writes and `decode` read: 1, the CBOR
+    map, or 2, the compact record (`encode(model=…)`, `decode(…, device=…,
+    model=…)`), which leaves out what the topic and the model already say.
+    A format-2 update states the pipeline header once for all its parts
+    and leaves out each part's length n (the model's): it decodes with the
+    device of its topic, the model's name, `created` in whole seconds, as
+    `codec` the stack that header names (``topk+q:4:256+zstd``: k and the
+    zstd level are the encoder's choice and not on the wire), and as
+    `parts` the whole pipeline payloads again.
     """
 
     device: str
@@ -267,6 +345,9 @@ class ModelUpdate:
     created: float
     codec: str = CODEC_FLOAT32
     trigger: str = TRIGGER_VERSION
+    format: int = FORMAT
+    # A decoded format-2 update's pipeline (its codec is a decode-side spec).
+    _stack: Pipeline | None = field(default=None, init=False, repr=False, compare=False)
 
     KEYS: ClassVar[set[str]] = {"format", "device", "seq", "base_version", "model",
                                 "num_samples", "codec", "trigger", "created", "parts"}
@@ -281,7 +362,7 @@ class ModelUpdate:
 
     @property
     def pipeline(self) -> Pipeline:
-        return _pipeline(self.codec)
+        return self._stack or _pipeline(self.codec)
 
     def read_part(self, name: str, *, length: int) -> Decoded:
         """Check and parse one part's payload for a part of `length` values.
@@ -292,7 +373,15 @@ class ModelUpdate:
         return self.pipeline.read(self.parts[name], length=length,
                                   max_bytes=largest_payload(length))
 
-    def encode(self) -> bytes:
+    def encode(self, *, model: WireModel | None = None) -> bytes:
+        """The update's bytes in its `format`; format 2 needs the `model` (tag, part order)."""
+        if self.format == UPDATE_FORMAT_COMPACT:
+            if model is None:
+                raise ValueError("a format-2 update is encoded with model= (its sha256 "
+                                 "and part order)")
+            return self._encode_compact(model)
+        if self.format != FORMAT:
+            raise ValueError(f"no update format {self.format!r} (1 or 2)")
         return cbor2.dumps({
             "format": FORMAT, "device": self.device, "seq": self.seq,
             "base_version": self.base_version, "model": self.model,
@@ -300,8 +389,55 @@ class ModelUpdate:
             "created": self.created, "parts": dict(sorted(self.parts.items())),
         })
 
+    def _encode_compact(self, model: WireModel) -> bytes:
+        names = _part_order(model)
+        if self.model != model.name:
+            raise ValueError(f"an update of {self.model} encoded for model {model.name}")
+        if not self.parts or not set(self.parts) <= set(names):
+            raise ValueError(f"parts {sorted(self.parts)} are not a non-empty subset of "
+                             f"{model.name}'s {names}")
+        header = self.pipeline.header
+        present = [name for name in names if name in self.parts]
+        bodies = []
+        for name in present:  # each payload is the header, n, then its body
+            prefix = header + varint(model.parts[name])
+            payload = self.parts[name]
+            if not (len(prefix) < len(payload) <= MAX_PART_PAYLOAD
+                    and payload.startswith(prefix)):
+                raise ValueError(f"part {name} is not a {self.codec} payload of "
+                                 f"{model.parts[name]} values")
+            bodies.append(payload[len(prefix):])
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger {self.trigger!r} is not one of {TRIGGERS}")
+        created = math.floor(self.created)
+        if not (0 <= self.seq < 2**63 and 0 <= self.base_version < 2**63
+                and 1 <= self.num_samples < 2**63 and 0 <= created <= MAX_CREATED):
+            raise ValueError("seq, base_version, num_samples or created out of range")
+        mask = sum(1 << names.index(name) for name in present)
+        flags = mask << 1 | (self.trigger == TRIGGER_DRIFT)
+        out = bytearray([UPDATE_FORMAT_COMPACT])
+        out += model_tag(model)
+        for number in (self.seq, self.base_version, self.num_samples, created, flags):
+            out += varint(number)
+        out += header
+        for body in bodies[:-1]:
+            out += varint(len(body)) + body
+        out += bodies[-1]  # the last part runs up to the checksum
+        return bytes(out + _checksum(out))
+
     @classmethod
-    def decode(cls, payload: bytes, *, max_bytes: int) -> ModelUpdate:
+    def decode(cls, payload: bytes, *, max_bytes: int, device: str | None = None,
+               model: WireModel | None = None) -> ModelUpdate:
+        """Either format, told apart by the first byte; format 2 needs `device` and `model`.
+
+        `device` is the topic's last level (a format-2 update does not repeat
+        it) and `model` the hub's model: its tag must match (`wrong-model`)
+        and its parts, in name order, name the update's part mask.
+        """
+        if len(payload) > max_bytes:
+            raise WireError("too-large", f"update of {len(payload)} bytes exceeds {max_bytes}")
+        if payload and payload[0] in COMPACT_FIRST_BYTES:
+            return cls._decode_compact(payload, device=device, model=model)
         obj = _load_cbor(payload, max_bytes, "update", cls.KEYS)
         codec = _pipeline(obj["codec"]).spec
         if obj["trigger"] not in TRIGGERS:
@@ -311,6 +447,63 @@ class ModelUpdate:
                    num_samples=_count(obj, "num_samples", minimum=1),
                    parts=decode_payload_parts(obj["parts"]), created=_finite(obj, "created"),
                    codec=codec, trigger=obj["trigger"])
+
+    @classmethod
+    def _decode_compact(cls, payload: bytes, *, device: str | None,
+                        model: WireModel | None) -> ModelUpdate:
+        if payload[0] != UPDATE_FORMAT_COMPACT:
+            raise WireError("unknown-format", f"update format {payload[0]}")
+        if device is None or model is None:
+            raise WireError("unknown-format", "format 2 is read with the topic's device and "
+                                              "the model (decode(..., device=, model=))")
+        if len(payload) < MIN_COMPACT_BYTES:
+            raise WireError("truncated", f"{len(payload)} bytes, a format-2 update has at "
+                                         f"least {MIN_COMPACT_BYTES}")
+        record = payload[:-CHECKSUM_BYTES]
+        if _checksum(record) != payload[-CHECKSUM_BYTES:]:
+            raise WireError("bad-checksum", "the CRC-32 does not match the bytes")
+        tag = record[1 : 1 + MODEL_TAG_BYTES]
+        if tag != model_tag(model):
+            raise WireError("wrong-model", f"model tag {tag.hex()} is not {model.name}'s "
+                                           f"({model.sha256[:8]})")
+        names = _part_order(model)
+        reader = Reader(record, offset=1 + MODEL_TAG_BYTES)
+        parts: dict[str, bytes] = {}
+        try:
+            seq, base_version, num_samples, created, flags = (
+                reader.uvarint(what, max_len=MAX_VARINT_BYTES)
+                for what in ("seq", "base_version", "num_samples", "created", "flags"))
+            if num_samples < 1:
+                raise WireError("bad-field", "num_samples=0")
+            if created > MAX_CREATED:
+                raise WireError("bad-field", f"created={created} out of range")
+            mask = flags >> 1
+            if not mask or mask >> len(names):
+                raise WireError("bad-parts", f"part mask {mask:#x} for {len(names)} parts")
+            present = [name for i, name in enumerate(names) if mask >> i & 1]
+        except DecodeError as exc:  # truncated, bad-varint: the Reader's own reasons
+            raise WireError(exc.reason, exc.detail) from None
+        header, stack = _read_stack(reader)
+        try:
+            for name in present[:-1]:
+                size = reader.uvarint(f"part {name}'s length", max_len=MAX_VARINT_BYTES)
+                if not 0 < size <= MAX_PART_PAYLOAD:
+                    raise WireError("bad-parts", f"part {name} of {size} bytes")
+                parts[name] = reader.take(size, f"part {name}")
+        except DecodeError as exc:
+            raise WireError(exc.reason, exc.detail) from None
+        parts[present[-1]] = reader.rest()
+        for name, body in parts.items():
+            if not body:
+                raise WireError("bad-parts", f"part {name} is empty")
+            # The whole pipeline payload again, read at the hub (read_part).
+            parts[name] = header + varint(model.parts[name]) + body
+        update = cls(device=device, seq=seq, base_version=base_version, model=model.name,
+                     num_samples=num_samples, parts=parts, created=float(created),
+                     codec=stack.spec, trigger=TRIGGER_DRIFT if flags & 1 else TRIGGER_VERSION,
+                     format=UPDATE_FORMAT_COMPACT)
+        object.__setattr__(update, "_stack", stack)
+        return update
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from fedd.wire import (
     ACK_REJECTED,
     TRIGGER_DRIFT,
     TRIGGER_VERSION,
+    UPDATE_FORMAT_COMPACT,
     Ack,
     Drift,
     Evaluation,
@@ -495,9 +496,10 @@ class Agent:
                     device=self.config.device_id, seq=seq, base_version=result.base_version,
                     model=self.spec.name, num_samples=result.num_samples,
                     parts=encoded.payloads, created=created, codec=pipeline.spec,
-                    trigger=trigger).encode())
+                    trigger=trigger, format=UPDATE_FORMAT_COMPACT).encode(model=self.spec))
                 encodings[pipeline.spec] = data, encoded.residuals
-                return publish_wire_bytes(topic, data, qos=1)
+                # At most: the first publish on a connection carries the topic and its alias.
+                return publish_wire_bytes(topic, data, qos=1, topic_alias=1)
 
             limit, budget = self._allowance(time.time())
             full = self._outbox_full()
@@ -564,7 +566,7 @@ class Agent:
         """The bytes the next update may take (None: unlimited) and a sentence about it."""
         uplink = self.config.uplink
         used = self.uplink_window.used(now)
-        queued = sum(publish_wire_bytes(item.topic, item.payload, qos=1)
+        queued = sum(publish_wire_bytes(item.topic, item.payload, qos=1, topic_alias=1)
                      for item in self.store.outgoing()) if uplink.bytes_per_hour else 0
         limit = allowance(max_update_bytes=uplink.max_update_bytes,
                           bytes_per_hour=uplink.bytes_per_hour, used=used, queued=queued)
@@ -595,11 +597,12 @@ class Agent:
                 await self._wake_publisher.wait()
                 continue
             await link.connected.wait()
-            wire = publish_wire_bytes(item.topic, item.payload, qos=1)
+            wire = link.wire_bytes(item.topic, item.payload, qos=1, alias=True)  # as sent
             started = time.monotonic()
             self._ack_arrived.clear()
             try:
-                await link.publish(item.topic, item.payload, qos=1, timeout=PUBLISH_TIMEOUT_S)
+                await link.publish(item.topic, item.payload, qos=1, timeout=PUBLISH_TIMEOUT_S,
+                                   alias=True)
             except LinkDown as exc:
                 log.info("update %d not taken by the broker (%s); will retry", item.seq, exc)
                 await asyncio.sleep(1.0)

@@ -123,7 +123,8 @@ class HubCore:
         for row in self.ledger.buffered():
             try:
                 body, _ = unseal(row.payload, max_body=self.config.limits.max_update_bytes)
-                update = ModelUpdate.decode(body, max_bytes=self.config.limits.max_update_bytes)
+                update = ModelUpdate.decode(body, max_bytes=self.config.limits.max_update_bytes,
+                                            device=row.device, model=self.spec)
                 decoded = self._decode_parts(update)
             except (WireError, Rejected) as exc:
                 reason = getattr(exc, "reason", "internal-error")
@@ -159,7 +160,7 @@ class HubCore:
             # The signature is checked before a byte of the body is parsed.
             body = payload if self.trust is None else self.trust.open_update(device, payload,
                                                                               limit)
-            update = ModelUpdate.decode(body, max_bytes=limit)
+            update = ModelUpdate.decode(body, max_bytes=limit, device=device, model=self.spec)
         except (WireError, UpdateRefused) as exc:
             self.rejected[exc.reason] += 1
             raise Rejected(exc.reason, str(exc)) from None

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import itertools
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -565,3 +566,57 @@ def test_huge_updates_are_norm_outliers_from_the_first_one(core: HubCore,
     for seq in range(3):
         assert send(core, spec, device="evil", seq=seq, parts=huge).reason == "norm-outlier"
     assert len(core.buffer) == 0
+
+
+# ------------------------------------------------------------ update format 2
+
+
+def payload2(spec: ModelSpec, **kw: Any) -> bytes:
+    """`payload(spec, ...)` as a format-2 update (what the agent sends) for model `spec`."""
+    update = ModelUpdate.decode(payload(spec, **{"model": spec.name, **kw}), max_bytes=1 << 20)
+    return replace(update, format=2).encode(model=spec)
+
+
+def test_format2_updates_fold_as_format1_does(
+        core: HubCore, spec: ModelSpec, tmp_path: Path) -> None:
+    """The hub reads both formats (a fleet upgrades gradually) and folds them alike."""
+    other = HubCore(hub_config(tmp_path / "other"), spec, ModelStore(tmp_path / "other"),
+                    Ledger(tmp_path / "other.sqlite"))
+    for device, seed, samples in (("dev-1", 1, 120), ("dev-2", 2, 40)):
+        kw = dict(device=device, seed=seed, num_samples=samples, codec="topk:0.01+q:4+zstd")
+        assert core.receive(topic(device), payload(spec, **kw), now=0.0).outcome == "accepted"
+        got = other.receive(topic(device), payload2(spec, **kw), now=0.0)
+        assert got == Receipt(device, 0, "accepted", staleness=0, weight=float(samples))
+    assert core.next_version().digest == other.next_version().digest
+
+
+def test_a_format2_resend_of_a_format1_update_is_a_duplicate(
+        core: HubCore, spec: ModelSpec) -> None:
+    assert send(core, spec, device="dev-1", seq=5).outcome == "accepted"
+    again = core.receive(topic("dev-1"), payload2(spec, device="dev-1", seq=5), now=0.0)
+    assert again == Receipt("dev-1", 5, "accepted", duplicate=True)
+
+
+def test_format2_takes_its_device_from_the_topic_and_its_model_from_the_tag(
+        core: HubCore, spec: ModelSpec) -> None:
+    # The device field is not on the wire: the topic (mTLS + ACL) is the device.
+    body = payload2(spec, device="dev-1", seq=1)
+    assert core.receive(topic("dev-9"), body, now=0.0) == Receipt(
+        "dev-9", 1, "accepted", staleness=0, weight=100.0)
+    cnn = ModelSpec.from_manifest(MANIFEST, "har-cnn")
+    alien = payload2(cnn, device="dev-1", seq=2, parts={
+        name: np.zeros(n, np.float32) for name, n in cnn.parts.items()})
+    assert refusal(core, topic("dev-1"), alien) == "wrong-model"  # unreadable: no seq
+    assert refusal(core, topic("dev-1"), body[:-1] + bytes([body[-1] ^ 1])) == "bad-checksum"
+    assert core.rejected == {"wrong-model": 1, "bad-checksum": 1}
+
+
+def test_restart_rebuilds_a_buffer_of_format2_updates(
+        core: HubCore, config: HubConfig, spec: ModelSpec, ledger_path: Path) -> None:
+    core.receive(topic("a"), payload2(spec, device="a", seq=0, seed=31), now=0.0)
+    core.receive(topic("b"), payload2(spec, device="b", seq=0, seed=32,
+                                      parts={"body": delta(spec, 32)["body"]}), now=0.0)
+    before = buffer_state(core)
+    again = restarted(core, config, spec, ledger_path)
+    assert buffer_state(again)[::2] == before[::2] and buffer_state(again)[3:] == before[3:]
+    assert again.ledger.counts() == {"buffered": 2}

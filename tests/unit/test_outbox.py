@@ -78,8 +78,9 @@ def test_a_full_outbox_folds_new_deltas_into_the_residual(agent: Agent) -> None:
     agent._adopt(version(agent, 2))
     agent._local_round()
     (queued,) = agent.store.outgoing()
-    update = ModelUpdate.decode(queued.payload, max_bytes=1 << 20)
-    assert (update.seq, update.base_version) == (first + 1, 2)
+    update = ModelUpdate.decode(queued.payload, max_bytes=1 << 20,
+                                device=agent.config.device_id, model=agent.spec)
+    assert (update.seq, update.base_version, update.format) == (first + 1, 2, 2)
     assert residual_norm(agent) == 0.0
     assert agent.store.get("acked") == 1 and agent.store.get("last_ack")["seq"] == first
 
@@ -135,5 +136,5 @@ def test_a_slow_link_gets_updates_it_can_carry_before_the_publish_times_out(
     last = agent.last_update
     assert last["budget"].startswith("link: 1,500 B fit in 15 s at 100 B/s; sent as topk:")
     (queued,) = agent.store.outgoing()
-    assert publish_wire_bytes(queued.topic, queued.payload, qos=1) <= 1500
+    assert publish_wire_bytes(queued.topic, queued.payload, qos=1, topic_alias=1) <= 1500
     assert last["codec"].startswith("topk:") and residual_norm(agent) > 0

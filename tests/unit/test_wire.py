@@ -7,7 +7,9 @@ import json
 import math
 import re
 import struct
-from dataclasses import replace
+import zlib
+from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import cbor2
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedd.pipeline import REASONS, DecodeError, Pipeline
+from fedd.pipeline.varint import encode_one as varint_bytes
 from fedd.wire import (
     FORMAT,
     MAX_JSON_BYTES,
@@ -250,9 +253,15 @@ def test_repeated_key_is_refused() -> None:
     assert reason_of(payload) in {"bad-keys", "not-cbor"}
 
 
-@pytest.mark.parametrize("value", [[1, 2], "update", 5, None, b"\xa0", 1.5])
+@pytest.mark.parametrize("value", [[1, 2], "update", 500, -5, None, b"\xa0", 1.5])
 def test_not_a_map(value: Any) -> None:
     assert reason_of(cbor2.dumps(value)) == "not-a-map"
+
+
+@pytest.mark.parametrize("first", [0x00, 0x01, 0x03, 0x17])
+def test_a_small_first_byte_is_an_update_format_number(first: int) -> None:
+    """0x00-0x17 (CBOR's small integers) start compact formats: 2, or one to come."""
+    assert reason_of(bytes([first]) + b"\x00" * 20) == "unknown-format"
 
 
 def test_unknown_trigger_is_a_bad_field() -> None:
@@ -648,3 +657,317 @@ def test_fold_deltas_grows_matching_residuals_and_restarts_mismatched_ones() -> 
                                  "head": np.zeros(3, np.float32)})  # head: another model's
     np.testing.assert_array_equal(folded["body"], np.full(4, 1.5, np.float32))
     np.testing.assert_array_equal(folded["head"], delta["head"])
+
+
+# ------------------------------------------------------- ModelUpdate, format 2
+
+
+@dataclass(frozen=True)
+class Model:
+    """What format 2 needs of a model (fedd.model.ModelSpec is one)."""
+
+    name: str = "har-mlp"
+    sha256: str = "63da1295" + "0" * 56
+    parts: dict[str, int] = dataclass_field(default_factory=lambda: dict(SIZES))
+
+
+MODEL = Model()
+SEQ = 1_795_424_574_134  # a seq of a store started at the clock in ms (~2^41)
+
+
+def compact(*, parts: dict[str, np.ndarray] | None = None, codec: str = "topk:0.1+q:4",
+            **changes: Any) -> ModelUpdate:
+    return update(parts=parts, codec=codec, format=2, **{"seq": SEQ, **changes})
+
+
+def decode2(payload: bytes, *, max_bytes: int = MAX, model: Any = MODEL,
+            device: str | None = "dev-01") -> ModelUpdate:
+    return ModelUpdate.decode(payload, max_bytes=max_bytes, device=device, model=model)
+
+
+def reason2(payload: bytes, **kwargs: Any) -> str:
+    with pytest.raises(WireError) as info:
+        decode2(payload, **kwargs)
+    assert str(info.value).startswith(info.value.reason + ": ")
+    return info.value.reason
+
+
+def sealed(record: bytes | bytearray) -> bytes:
+    """A format-2 record with its CRC-32 appended (to reach the checks after it)."""
+    return bytes(record) + zlib.crc32(record).to_bytes(4, "little")
+
+
+def record(*varints: int, tag: bytes = bytes.fromhex("63da1295"), rest: bytes = b"") -> bytes:
+    """Format byte, tag, the given varints (seq, base, samples, created, flags), `rest`, CRC."""
+    out = bytearray([2]) + tag
+    for number in varints:
+        out += varint_bytes(number)
+    return sealed(out + rest)
+
+
+STACK = Pipeline.from_spec("topk:0.1+q:4").header  # 01 02 10 03 04 08
+PAYLOAD = Pipeline.from_spec("topk:0.1+q:4").encode(np.ones(SIZES["head"], np.float32)).payload
+BODY = PAYLOAD[len(STACK) + 1 :]  # after the header and n (17: one byte)
+
+
+@pytest.mark.parametrize("codec", ["float32", "topk:0.1+q:4", "topk:0.1+q:4+zstd", "f16",
+                                   "topk:5+sign:8"])
+def test_format2_round_trip(codec: str) -> None:
+    sent = compact(codec=codec)
+    payload = sent.encode(model=MODEL)
+    assert payload[0] == 0x02 and payload[1:5] == bytes.fromhex("63da1295")
+    got = decode2(payload)
+    assert (got.device, got.seq, got.base_version, got.model, got.num_samples, got.trigger,
+            got.format) == ("dev-01", SEQ, 3, "har-mlp", 250, "version", 2)
+    assert got.created == 1_700_000_000.0  # whole seconds on the wire
+    assert got.parts == sent.parts
+    # The codec is the stack the payloads state: no density, no zstd level.
+    assert got.codec == Pipeline.from_spec(codec).spec.replace(":0.1", "").replace(
+        ":5", "").replace("zstd:3", "zstd")
+    for name, values in dense_parts(got, SIZES).items():
+        np.testing.assert_array_equal(values, sent.read_part(name, length=SIZES[name]).dense())
+    if codec == "float32":
+        assert_bit_exact(dense_parts(got, SIZES), tricky_parts())
+
+
+def test_format2_carries_the_trigger_and_any_subset_of_parts() -> None:
+    body_only = {"body": tricky_parts()["body"]}
+    got = decode2(compact(parts=body_only, trigger="drift").encode(model=MODEL))
+    assert got.trigger == "drift" and set(got.parts) == {"body"}
+    head_only = {"head": tricky_parts()["head"]}
+    assert set(decode2(compact(parts=head_only).encode(model=MODEL)).parts) == {"head"}
+
+
+def test_format2_header_is_25_bytes_and_the_stack_is_stated_once() -> None:
+    """1 format + 4 tag + 6 seq + 1 base + 2 samples + 5 created + 1 flags + 1 length + 4 CRC,
+    and the stack header once instead of the header and n in every part."""
+    sent = compact()
+    payloads = sum(len(p) for p in sent.parts.values())
+    stack = len(sent.pipeline.header)
+    per_part = sum(stack + len(varint_bytes(SIZES[name])) for name in sent.parts)
+    assert (stack, per_part) == (6, 6 + 2 + 6 + 1)
+    assert len(sent.encode(model=MODEL)) == payloads - per_part + stack + 25
+    assert len(replace(sent, format=1).encode()) > payloads + 150  # keys, names, codec text
+
+
+def test_format2_is_told_apart_by_its_first_byte() -> None:
+    """A format-1 map (0xa0-0xbf) and a signed envelope (0x82) never start with 0x02."""
+    assert update().encode()[0] == 0xAA
+    assert decode2(update().encode()).format == 1  # format 1 still decodes, with or without
+    assert ModelUpdate.decode(update().encode(), max_bytes=MAX).format == 1
+
+
+def test_format2_needs_the_device_and_the_model() -> None:
+    payload = compact().encode(model=MODEL)
+    assert reason_of(payload) == "unknown-format"  # a reader without the model
+    assert reason2(payload, device=None) == "unknown-format"
+    with pytest.raises(ValueError, match="model="):
+        compact().encode()
+
+
+def test_format2_refusals_in_order() -> None:
+    good = compact().encode(model=MODEL)
+    assert reason2(good, max_bytes=len(good) - 1) == "too-large"
+    assert reason2(b"\x03" + good[1:]) == "unknown-format"
+    assert reason2(good[:14]) == "truncated"
+    assert reason2(good[:-1]) == "bad-checksum"
+    flipped = bytearray(good)
+    flipped[9] ^= 0x10
+    assert reason2(bytes(flipped)) == "bad-checksum"
+    assert reason2(good, model=Model(sha256="ff" * 32)) == "wrong-model"
+    assert reason2(good, model=Model(name="har-cnn", sha256="89e5b514" + "0" * 56)) \
+        == "wrong-model"
+
+
+@pytest.mark.parametrize(("varints", "rest", "reason"), [
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + bytes([len(BODY)]) + BODY,
+     "bad-parts"),  # two parts, the last empty
+    ((SEQ, 3, 250, 1_700_000_000, 0b001), STACK + BODY, "bad-parts"),  # no part: drift alone
+    ((SEQ, 3, 250, 1_700_000_000, 0b1000), STACK + BODY, "bad-parts"),  # past the 2 parts
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + b"\x00" + BODY, "bad-parts"),  # empty body
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + b"\x7f" + BODY, "truncated"),  # past the end
+    ((SEQ, 3, 250, 1_700_000_000, 0b110), STACK + b"\x80\x00" + BODY, "bad-varint"),
+    ((SEQ, 3, 0, 1_700_000_000, 0b100), STACK + BODY, "bad-field"),  # num_samples 0
+    ((SEQ, 3, 250, 2**53 + 1, 0b100), STACK + BODY, "bad-field"),  # past a float's integers
+    ((SEQ, 3, 250), b"", "truncated"),  # fields missing: ends inside a varint
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x09" + STACK[1:] + BODY, "unknown-codec"),
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), STACK[:2] + b"\x77" + BODY, "unknown-codec"),
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x01\x02\x03\x04\x08\x10" + BODY,
+     "unknown-codec"),  # q before topk: no encoder writes that stack
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), b"\x01\x02\x10", "unknown-codec"),  # cut short
+    ((SEQ, 3, 250, 1_700_000_000, 0b100), STACK + BODY, None),  # the control: a valid head
+])
+def test_format2_field_refusals(varints: tuple[int, ...], rest: bytes,
+                                reason: str | None) -> None:
+    payload = record(*varints, rest=rest)
+    if len(payload) < 18:
+        payload = record(*varints, rest=b"\x80" * 6)  # long enough, ends in a varint
+    if reason is None:
+        assert decode2(payload).parts == {"head": PAYLOAD}  # the whole payload again
+    else:
+        assert reason2(payload) == reason
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x80\x00",  # 0 written in two bytes: not the shortest form
+    b"\xff" * 9 + b"\x01",  # ten bytes: past 63 bits
+])
+def test_format2_varints_are_short_and_shortest(bad: bytes) -> None:
+    out = bytearray([2]) + bytes.fromhex("63da1295") + bad
+    out += varint_bytes(3) + varint_bytes(250) + varint_bytes(1_700_000_000) + b"\x04"
+    assert reason2(sealed(out + STACK + BODY)) == "bad-varint"
+
+
+def test_format2_largest_counts_round_trip() -> None:
+    sent = compact(seq=2**63 - 1, base_version=2**63 - 1, num_samples=2**63 - 1,
+                   created=float(2**53))
+    got = decode2(sent.encode(model=MODEL))
+    assert (got.seq, got.base_version, got.num_samples, got.created) == (
+        2**63 - 1, 2**63 - 1, 2**63 - 1, float(2**53))
+
+
+@pytest.mark.parametrize(("changes", "model"), [
+    ({"model": "har-cnn"}, MODEL),  # the update is of another model
+    ({"seq": -1}, MODEL),
+    ({"seq": 2**63}, MODEL),
+    ({"num_samples": 0}, MODEL),
+    ({"created": -1.0}, MODEL),
+    ({"trigger": "whim"}, MODEL),
+    ({}, Model(parts={"body": 300})),  # a part the model does not have
+    ({}, Model(sha256="not hex")),
+])
+def test_format2_encoder_refuses_what_no_decoder_would_take(changes: dict[str, Any],
+                                                            model: Model) -> None:
+    with pytest.raises(ValueError):
+        compact(**changes).encode(model=model)
+
+
+def test_format2_encoder_refuses_parts_of_mixed_stacks() -> None:
+    mixed = compact(parts={"body": tricky_parts()["body"]})
+    mixed = replace(mixed, parts={**mixed.parts, "head": update().parts["head"]})
+    with pytest.raises(ValueError, match="head"):
+        mixed.encode(model=MODEL)
+
+
+def test_format2_parts_are_read_at_the_models_lengths() -> None:
+    """n is not on the wire: a part is the model's length, and a body that does not fit the
+    stack at that length fails its read at the hub (payload-<reason>)."""
+    got = decode2(record(SEQ, 3, 250, 1_700_000_000, 0b100, rest=STACK + BODY + b"\x00"))
+    assert got.parts["head"].startswith(STACK + bytes([17]))
+    with pytest.raises(DecodeError) as info:
+        got.read_part("head", length=SIZES["head"])
+    assert info.value.reason == "trailing-bytes"
+    # A part of another length is another model, which the tag refuses; were the tag to
+    # collide, a body must still fit its stack at the hub's length (float32: 4 bytes each).
+    dense = compact(codec="float32").encode(model=MODEL)
+    bigger = decode2(dense, model=Model(parts={"body": 300, "head": 18}))
+    with pytest.raises(DecodeError) as info:
+        bigger.read_part("head", length=18)
+    assert info.value.reason == "truncated"
+
+
+def test_format2_documented_example_bytes() -> None:
+    """docs/wire-format.md's example header, field by field."""
+    sent = compact(seq=SEQ, base_version=12, num_samples=180, created=1_795_424_575.8)
+    out = sent.encode(model=MODEL)
+    body = sent.parts["body"][len(STACK) + 2 :]  # n = 300: two bytes
+    head = sent.parts["head"][len(STACK) + 1 :]
+    assert len(body) < 128 and out[:27].hex(" ") == (
+        "02"  # format 2
+        " 63 da 12 95"  # the model tag: sha256 63da1295...
+        " b6 b5 93 bd a0 34"  # seq 1795424574134
+        " 0c"  # base_version 12
+        " b4 01"  # num_samples 180
+        " bf 82 90 d8 06"  # created 1795424575 (whole seconds)
+        " 06"  # flags: part mask 0b11 (body, head) << 1, trigger version
+        " 01 02 10 03 04 08"  # the stack once: pipeline v1, 2 stages, topk, q 4 bits 2^8
+        " " + varint_bytes(len(body)).hex())  # the body's length, then its body
+    assert out[27 : 27 + len(body)] == body
+    assert out[27 + len(body) : -4] == head  # the last part, to the CRC
+    assert out[-4:] == zlib.crc32(out[:-4]).to_bytes(4, "little")
+
+
+FUZZ_MODEL = Model(parts=dict(FUZZ_SIZES))
+VALID2 = compact(parts=FUZZ_DELTAS, codec="float32").encode(model=FUZZ_MODEL)
+VALID2_SPARSE = compact(parts=FUZZ_DELTAS, codec="topk:0.25+q:4+zstd").encode(
+    model=FUZZ_MODEL)
+REASONS2 = {"too-large", "unknown-format", "truncated", "bad-checksum", "wrong-model",
+            "bad-varint", "bad-field", "bad-parts", "unknown-codec"}
+
+
+def decodes_or_refuses2(payload: bytes, max_bytes: int = 4096) -> None:
+    """Format 2's property: a valid update or a WireError with one of its reasons."""
+    try:
+        got = decode2(payload, max_bytes=max_bytes, model=FUZZ_MODEL)
+    except WireError as exc:
+        assert exc.reason in REASONS2 | {"not-cbor", "not-a-map", "bad-keys", "unknown-codec",
+                                         "bad-parts", "bad-field"}
+        return
+    assert len(payload) <= max_bytes
+    if got.format == 1:
+        return
+    assert got.device == "dev-01" and got.model == FUZZ_MODEL.name
+    assert all(type(v) is int for v in (got.seq, got.base_version, got.num_samples))
+    assert 0 <= got.seq < 2**63 and 0 <= got.base_version < 2**63 and got.num_samples >= 1
+    assert got.created.is_integer() and 0 <= got.created <= 2**53
+    assert got.trigger in ("version", "drift")
+    assert got.parts and set(got.parts) <= set(FUZZ_SIZES)
+    for name, blob in got.parts.items():
+        assert isinstance(blob, bytes) and blob
+        try:
+            values = got.read_part(name, length=FUZZ_SIZES[name]).dense()
+        except DecodeError as exc:
+            assert exc.reason in REASONS
+        else:
+            assert values.dtype == np.float32 and np.isfinite(values).all()
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.integers(min_value=0, max_value=400))
+def test_fuzz2_random_bytes_after_the_format_byte(tail: bytes, max_bytes: int) -> None:
+    decodes_or_refuses2(b"\x02" + tail, max_bytes)
+
+
+@FUZZ
+@given(st.binary(max_size=120))
+def test_fuzz2_random_records_with_a_good_checksum(body: bytes) -> None:
+    """Past the CRC: random fields behind the right format byte and tag."""
+    decodes_or_refuses2(sealed(b"\x02" + bytes.fromhex("63da1295") + body))
+
+
+@FUZZ
+@given(st.sampled_from([VALID2, VALID2_SPARSE]),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 7)), min_size=1, max_size=8),
+       st.booleans())
+def test_fuzz2_bit_flips(valid: bytes, flips: list[tuple[int, int]], fix_crc: bool) -> None:
+    """Flipped bits: refused as bad-checksum, or (CRC fixed up) by the field checks."""
+    payload = bytearray(valid)
+    for index, bit in flips:
+        payload[index % len(payload)] ^= 1 << bit
+    if fix_crc:
+        payload = bytearray(sealed(payload[:-4]))
+    elif bytes(payload[:-4]) != valid[:-4] and payload[0] == 2:
+        assert reason2(bytes(payload), model=FUZZ_MODEL) in {"bad-checksum", "unknown-format",
+                                                             "truncated"}
+    decodes_or_refuses2(bytes(payload))
+
+
+@FUZZ
+@given(st.sampled_from([VALID2, VALID2_SPARSE]), st.integers(0, 400), st.integers(0, 400),
+       st.binary(max_size=16))
+def test_fuzz2_truncate_and_splice(valid: bytes, cut: int, resume: int,
+                                   inserted: bytes) -> None:
+    decodes_or_refuses2(valid[:cut])
+    spliced = valid[:cut] + inserted + valid[resume:]
+    decodes_or_refuses2(spliced)
+    decodes_or_refuses2(sealed(spliced[:-4]) if len(spliced) > 4 else spliced)
+
+
+@FUZZ
+@given(st.integers(0, 2**64), st.integers(0, 2**64), st.integers(0, 2**64),
+       st.integers(0, 2**60), st.integers(0, 2**20))
+def test_fuzz2_field_values(seq: int, base: int, samples: int, created: int,
+                            flags: int) -> None:
+    """Any numbers in the five varints, with a valid part behind them."""
+    head = compact(parts=FUZZ_DELTAS, codec="float32").parts["head"]  # header, n = 6, body
+    decodes_or_refuses2(record(seq, base, samples, created, flags, rest=head[:3] + head[4:]))
