@@ -10,7 +10,7 @@ Logs go to stderr as plain lines, or, when stderr is systemd's journal
 stream (JOURNAL_STREAM), straight to journald as structured entries
 (`JournalHandler`): PRIORITY from the level, the daemon's identity
 (FEDD_DEVICE, FEDD_FLEET) on every entry, and FEDD_* fields a call passes
-with `extra={"fedd_update_seq": 17}`.
+with `extra=log_fields(update_seq=17)`.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
 FIELD_PREFIX = "fedd_"  # a record attribute fedd_<name> becomes the field FEDD_<NAME>
 _SYSLOG_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
                     (logging.INFO, 6))
+
+
+def log_fields(**values: object) -> dict[str, object]:
+    """`extra=` for a log call: each value becomes the journal field FEDD_<NAME>."""
+    return {f"{FIELD_PREFIX}{name}": value for name, value in values.items()}
 
 
 def syslog_priority(levelno: int) -> int:

@@ -46,7 +46,7 @@ from fedd.config import AgentConfig
 from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
 from fedd.model import ModelError, ModelSpec, TrainableModel
 from fedd.pipeline import Pipeline
-from fedd.service import Notifier
+from fedd.service import Notifier, log_fields
 from fedd.trust.messages import Hello, TrustVerdict, decode_from_hub
 from fedd.wire import (
     ACK_ACCEPTED,
@@ -343,7 +343,7 @@ class Agent:
                 continue
             await self._in_worker(self._adopt, model)
             log.info("global version %d applied (%d contributors)", model.version,
-                     model.contributors)
+                     model.contributors, extra=log_fields(model_version=model.version))
             self._wake_trainer.set()
             await self._heartbeat()
 
@@ -551,7 +551,8 @@ class Agent:
                  result.base_version, result.num_samples, result.loss_before, result.loss_after,
                  f"update {seq} queued" if seq is not None
                  else budget if budget
-                 else f"stopped ({run.stopped}), nothing sent" if not done else "nothing to send")
+                 else f"stopped ({run.stopped}), nothing sent" if not done else "nothing to send",
+                 extra=log_fields(model_version=result.base_version, update_seq=seq))
 
     def _outbox_full(self) -> str | None:
         """Why the outbox takes no more updates, or None while it has room."""
@@ -604,12 +605,14 @@ class Agent:
                 await link.publish(item.topic, item.payload, qos=1, timeout=PUBLISH_TIMEOUT_S,
                                    alias=True)
             except LinkDown as exc:
-                log.info("update %d not taken by the broker (%s); will retry", item.seq, exc)
+                log.info("update %d not taken by the broker (%s); will retry", item.seq, exc,
+                         extra=log_fields(update_seq=item.seq))
                 await asyncio.sleep(1.0)
                 continue
             except PublishRejected as exc:
                 # The broker's ACL will refuse every resend too: settle it here, loudly.
-                log.error("broker refused update %d, dropping it: %s", item.seq, exc)
+                log.error("broker refused update %d, dropping it: %s", item.seq, exc,
+                          extra=log_fields(update_seq=item.seq))
                 self._settle(item.seq, ACK_REJECTED, "broker-refused")
                 continue
             finally:
@@ -624,7 +627,8 @@ class Agent:
                            goodput_bps=self.goodput)
             if not await self._until_acknowledged(item.seq):
                 log.info("no acknowledgement of update %d within %.0f s; sending it again",
-                         item.seq, self.config.uplink.ack_timeout_s)
+                         item.seq, self.config.uplink.ack_timeout_s,
+                         extra=log_fields(update_seq=item.seq))
 
     async def _until_acknowledged(self, seq: int) -> bool:
         """Wait for the hub's acknowledgement of `seq` (the listener settles it)."""
@@ -654,7 +658,8 @@ class Agent:
             log.debug("acknowledgement of update %s again (already settled)", ack.seq)
             return
         if ack.outcome == ACK_REJECTED:
-            log.warning("hub rejected update %d: %s", seq, ack.reason)
+            log.warning("hub rejected update %d: %s", seq, ack.reason,
+                        extra=log_fields(update_seq=seq, model_version=ack.version))
         self._settle(seq, ack.outcome, ack.reason, hub_version=ack.version)
 
     def _settle(self, seq: int, outcome: str, reason: str | None, *,

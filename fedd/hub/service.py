@@ -31,7 +31,7 @@ from fedd.hub.trust import FleetTrust, UpdateRefused
 from fedd.link import Link, LinkDown, PublishRejected
 from fedd.model import ModelSpec, TrainableModel
 from fedd.pipeline import Decoded, DecodeError
-from fedd.service import Notifier
+from fedd.service import Notifier, log_fields
 from fedd.trust.messages import unseal
 from fedd.wire import (
     ACK_ACCEPTED,
@@ -184,7 +184,8 @@ class HubCore:
         except Rejected as exc:
             self.rejected[exc.reason] += 1
             self.ledger.reject(device, update.seq, exc.reason, norm=exc.norm)
-            log.warning("rejected update %s seq %d: %s", device, update.seq, exc)
+            log.warning("rejected update %s seq %d: %s", device, update.seq, exc,
+                        extra=log_fields(device=device, update_seq=update.seq))
             return Receipt(device, update.seq, ACK_REJECTED, exc.reason)
         # Durable before it counts: a crash after this commit rebuilds the same buffer.
         self.ledger.accept(device, update.seq, version=self.current.version + 1,
@@ -317,7 +318,8 @@ class HubService:
                         log.error("dropped a buffer flush: %s", exc)
                         continue
                     log.info("version %d: %d updates, mean staleness %.2f", model.version,
-                             model.contributors, model.mean_staleness)
+                             model.contributors, model.mean_staleness,
+                             extra=log_fields(model_version=model.version))
                     self.notifier.status(f"version {model.version}, "
                                          f"{self.core.accepted} updates accepted")
                     self._write_status(force=True)
@@ -334,7 +336,8 @@ class HubService:
             receipt = self.core.receive(topic, payload)
         except Rejected as exc:
             # No seq to name it by: the ack names the bytes, so the device stops resending.
-            log.warning("rejected an unreadable update on %s: %s", topic, exc)
+            log.warning("rejected an unreadable update on %s: %s", topic, exc,
+                        extra=log_fields(device=topics.device_of(topic)))
             receipt = Receipt(topics.device_of(topic), None, ACK_REJECTED, exc.reason)
         except Exception:  # a decoder bug must cost one update, never the hub
             self.core.rejected["internal-error"] += 1
@@ -342,7 +345,8 @@ class HubService:
             receipt = Receipt(topics.device_of(topic), None, ACK_REJECTED, "internal-error")
         if receipt.outcome == ACK_ACCEPTED and not receipt.duplicate:
             log.debug("folded %s seq %d (staleness %d, weight %.1f)", receipt.device,
-                      receipt.seq, receipt.staleness, receipt.weight)
+                      receipt.seq, receipt.staleness, receipt.weight,
+                      extra=log_fields(device=receipt.device, update_seq=receipt.seq))
         ack = Ack(device=receipt.device, seq=receipt.seq, digest=payload_digest(payload),
                   outcome=receipt.outcome,
                   reason=receipt.reason, duplicate=receipt.duplicate,

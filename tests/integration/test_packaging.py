@@ -512,6 +512,9 @@ def test_logs_are_structured_journal_entries_without_secrets(booted, installed):
         assert entry["CODE_FILE"].startswith("/usr/lib/fedd/")
     assert {e["SYSLOG_IDENTIFIER"] for e in hub} == {"fedd-hub"}
     assert {e["FEDD_ROLE"] for e in hub} == {"hub"}
+    # The update and the version a line is about, for `journalctl FEDD_UPDATE_SEQ=…`.
+    assert any("FEDD_UPDATE_SEQ" in e and "FEDD_MODEL_VERSION" in e for e in agent)
+    assert any("FEDD_MODEL_VERSION" in e for e in hub)
     assert any("reloaded configuration" in e["MESSAGE"] for e in agent)
     everything = (booted / "journal.txt").read_text()
     key = installed.path("/root/pki/devices/pi-001/client.key").read_text()

@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from fedd import service
-from fedd.service import JournalHandler, journal_field, stderr_is_journal, syslog_priority
+from fedd.service import (
+    JournalHandler,
+    journal_field,
+    log_fields,
+    stderr_is_journal,
+    syslog_priority,
+)
 
 
 def parse_entry(data: bytes) -> dict[str, str]:
@@ -105,8 +111,8 @@ def test_an_entry_carries_message_priority_identity_and_code_location(journal, l
 
 def test_fedd_extras_become_fields_and_others_do_not(journal, logger):
     attach(logger, journal)
-    logger.info("applied version %d", 5, extra={"fedd_model_version": 5, "fedd_update_seq": 17,
-                                                "fedd_skipped": None, "other": "x"})
+    logger.info("applied version %d", 5,
+                extra={**log_fields(model_version=5, update_seq=17, skipped=None), "other": "x"})
     entry = parse_entry(journal.recv(65536))
     assert entry["FEDD_MODEL_VERSION"] == "5"
     assert entry["FEDD_UPDATE_SEQ"] == "17"

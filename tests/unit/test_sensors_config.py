@@ -9,6 +9,8 @@ import pytest
 
 from fedd.agent.sensors import CommandSource, ReplaySource, open_source
 from fedd.config import ConfigError, load_agent_config
+from fedd.datasets import hapt
+from fedd.datasets.hapt import DatasetError
 
 
 def _config(tmp_path: Path, sensor: str):
@@ -29,6 +31,14 @@ def test_command_kind_builds_a_command_source(tmp_path: Path) -> None:
 def test_replay_is_the_default(tmp_path: Path) -> None:
     config = _config(tmp_path, "  rate_hz: 50\n")
     assert isinstance(open_source(config.sensor, config.window), ReplaySource)
+
+
+def test_replay_without_the_hapt_data_says_what_to_set(tmp_path: Path, monkeypatch) -> None:
+    """The shipped default on a packaged device, which carries no data set."""
+    monkeypatch.setattr(hapt, "PACKAGE", "fedd_test_no_such_dataset_package")
+    config = _config(tmp_path, "  rate_hz: 50\n")
+    with pytest.raises(DatasetError, match=r"not found.*set sensor\.kind to iio or command"):
+        open_source(config.sensor, config.window)
 
 
 @pytest.mark.parametrize(("sensor", "message"), [

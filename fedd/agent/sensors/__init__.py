@@ -27,6 +27,7 @@ from fedd.agent.sensors.replay import ReplaySource
 from fedd.agent.sensors.source import CHUNK_INTERVAL_S, Chunk, SensorError, SensorSource
 from fedd.config import SensorConfig, WindowConfig
 from fedd.datasets import hapt_person, load_stream, npz_person
+from fedd.datasets.hapt import DatasetError
 
 __all__ = [
     "CHUNK_INTERVAL_S",
@@ -66,7 +67,11 @@ def open_source(sensor: SensorConfig, window: WindowConfig) -> SensorSource:
                              max_line_bytes=cmd.max_line_bytes)
     replay = sensor.replay
     if replay.dataset == "hapt":
-        data = hapt_person(replay.person, window.size, window.step)
+        try:
+            data = hapt_person(replay.person, window.size, window.step)
+        except DatasetError as exc:  # the shipped default, on a device without the data
+            raise DatasetError(f"{exc} (sensor.kind replay, dataset hapt: a demo source; "
+                               "on a device set sensor.kind to iio or command)") from exc
     elif replay.dataset == "stream":
         data = load_stream(replay.npz_path or "")
     else:
