@@ -27,6 +27,14 @@ and the holdout windows, as real users who never climb stairs.
 and the buffer's rule; None, the default, is the plain mean with no screen),
 and `attack` makes some devices send a multiple of their honest update
 (x100, or x-1 sign-flipped); they still learn and personalize honestly.
+
+Updates travel as the agent sends them: each device encodes its delta with
+`codec` and its own error-feedback residuals into a format-2 `ModelUpdate`,
+and the hub decodes and checks it as `fedd hub` does before folding it, so
+`uplink_bytes` are the MQTT PUBLISH bytes a connected device would send (the
+topic on its first publish, its alias after). With `eval_every` every device
+scores each such version on its holdout, which gives the accuracy-against-
+bytes curve (`SimResult.curve`).
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedd import topics
 from fedd.agent.features import FEATURE_SET, model_inputs
 from fedd.agent.learner import STRATEGIES, Learner, make_strategy
 from fedd.config import RobustConfig, TrainingConfig
@@ -50,16 +60,30 @@ from fedd.datasets import hapt, hapt_person
 from fedd.datasets.windows import window_labels, window_starts
 from fedd.hub import robust
 from fedd.hub.aggregate import FedBuff, apply_delta
+from fedd.link import publish_wire_bytes
 from fedd.model import ModelSpec, TrainableModel
-from fedd.wire import GlobalModel
+from fedd.pipeline import Decoded, DecodeError, Pipeline, SpecError
+from fedd.trust.messages import seal
+from fedd.trust.signing import sign_update
+from fedd.wire import (
+    CODEC_FLOAT32,
+    UPDATE_FORMAT_COMPACT,
+    GlobalModel,
+    ModelUpdate,
+    WireError,
+    encode_deltas,
+)
 
-__all__ = ["Attack", "DeviceData", "PersonResult", "SimOptions", "SimResult", "load_fleet",
-           "simulate", "skewed_classes"]
+__all__ = ["Attack", "CurvePoint", "DeviceData", "PersonResult", "SimOptions", "SimResult",
+           "load_fleet", "simulate", "skewed_classes"]
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
 WINDOW, STEP = 128, 64
 NUM_CLASSES = len(hapt.ACTIVITIES)
 ASYNC_STALL = 3  # async runs end after this many times rounds x per_round local rounds
+FLEET = "sim"
+FIRST_SEQ = 1_700_000_000_000  # seqs start at the clock in ms, as the agent's (6-byte varints)
+MAX_UPDATE_BYTES = 4 << 20  # the hub's default limits.max_update_bytes
 
 
 # ---------------------------------------------------------------- data
@@ -175,6 +199,8 @@ class SimOptions:
     manifest: str = str(MANIFEST)
     robust: RobustConfig | None = None  # the hub's robust: section; None: plain mean
     attack: Attack | None = None
+    codec: str = CODEC_FLOAT32  # every device's uplink.codec
+    eval_every: int = 0  # score the fleet every this many versions (0: at the end only)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -196,6 +222,12 @@ class SimOptions:
         if self.attack is not None and self.attack.devices > len(self.people):
             raise ValueError(f"an attack by {self.attack.devices} devices needs as many "
                              f"people, got {len(self.people)}")
+        try:
+            Pipeline.from_spec(self.codec)
+        except SpecError as exc:
+            raise ValueError(f"codec: {exc}") from None
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 
     @property
     def training(self) -> TrainingConfig:
@@ -216,6 +248,17 @@ class PersonResult:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """The fleet at one version: what crossed the uplink so far, and its mean accuracies."""
+
+    version: int
+    local_rounds: int
+    uplink_bytes: int
+    personal_accuracy: float
+    global_accuracy: float
+
+
+@dataclass(frozen=True)
 class SimResult:
     options: SimOptions
     people: list[PersonResult]
@@ -229,7 +272,12 @@ class SimResult:
     attackers: list[int] = field(default_factory=list)  # their HAPT person ids
     updates_rejected: int = 0  # by the norm screen (norm-outlier)
     updates_clipped: int = 0
-    updates_invalid: int = 0  # non-finite, or in a flush that would overflow the weights
+    updates_invalid: int = 0  # non-finite (not encodable), or in a flush that would overflow
+    uplink_bytes: int = 0  # MQTT PUBLISH bytes of every update sent
+    uplink_signed_bytes: int = 0  # the same updates each in a [body, Ed25519 signature] envelope
+    updates_sent: int = 0
+    update_bytes_median: float = 0.0  # of one update's PUBLISH
+    curve: list[CurvePoint] = field(default_factory=list)
 
     @property
     def personal_accuracy(self) -> np.ndarray:
@@ -250,7 +298,8 @@ class SimResult:
             if options.get(name) is not None:
                 options[name] = kind(**options[name])
         return cls(**{**obj, "options": SimOptions(**options),
-                      "people": [PersonResult(**p) for p in obj["people"]]})
+                      "people": [PersonResult(**p) for p in obj["people"]],
+                      "curve": [CurvePoint(**c) for c in obj.get("curve", [])]})
 
     @classmethod
     def from_json(cls, text: str) -> SimResult:
@@ -282,14 +331,21 @@ class _Hub:
                            model=self.spec.name, model_sha256=self.spec.sha256, created=0.0,
                            contributors=contributors, mean_staleness=staleness, parts=parts)
 
-    def receive(self, delta: dict[str, np.ndarray], samples: int, base: int) -> None:
-        self.uplink += sum(v.size for v in delta.values())
-        staleness = self.current.version - base
+    def receive(self, payload: bytes, device: str) -> None:
+        """Decode and check one update as HubCore.receive does, then fold it."""
+        try:
+            update = ModelUpdate.decode(payload, max_bytes=MAX_UPDATE_BYTES, device=device,
+                                        model=self.spec)
+            delta: dict[str, Decoded] = {
+                name: update.read_part(name, length=self.spec.parts[name])
+                for name in update.parts}
+        except (WireError, DecodeError):
+            self.invalid += 1  # e.g. payload-non-finite
+            return
+        self.uplink += sum(part.values.size for part in delta.values())
+        staleness = self.current.version - update.base_version
         if staleness > self.options.max_staleness:
             self.dropped += 1
-            return
-        if not all(np.isfinite(values).all() for values in delta.values()):
-            self.invalid += 1  # the hub's decoder refuses them (payload-non-finite)
             return
         scale = 1.0
         if self.screen is not None:  # as HubCore.receive
@@ -300,7 +356,8 @@ class _Hub:
                 return
             self.screen.admit(verdict)
             scale = verdict.scale
-        self.buffer.fold(delta, num_samples=samples, staleness=staleness, scale=scale)
+        self.buffer.fold(delta, num_samples=update.num_samples, staleness=staleness,
+                         scale=scale)
         self.folded += 1
 
     def maybe_publish(self) -> GlobalModel | None:
@@ -321,10 +378,21 @@ class _Hub:
 
 
 class _Device:
-    def __init__(self, data: DeviceData, learner: Learner) -> None:
+    def __init__(self, data: DeviceData, learner: Learner, spec: ModelSpec,
+                 options: SimOptions) -> None:
         self.data = data
         self.learner = learner
         self.factor = 1.0  # an attacker sends factor x its update
+        self.spec = spec
+        self.name = f"person-{data.person:02d}"
+        self.topic = topics.update(FLEET, self.name)
+        self.pipeline = Pipeline.from_spec(options.codec)
+        self.residuals: dict[str, np.ndarray] = {}  # error feedback, as the agent's store
+        self.rng = np.random.default_rng([options.seed, data.person, 0xC0DEC])
+        self.seq = FIRST_SEQ
+        self.aliased = False  # the broker knows this device's topic alias
+        self.key = Ed25519PrivateKey.generate()
+        self.unsendable = 0  # rounds whose delta the encoder refused
 
     def adopt(self, model: GlobalModel) -> None:
         """What the daemon does with a new version: apply it and re-personalize."""
@@ -339,15 +407,36 @@ class _Device:
         if not all(np.isfinite(values).all() for values in self.learner.personal.values()):
             self.learner.personal = before
 
-    def round(self) -> tuple[dict[str, np.ndarray], int, int]:
-        """What the daemon's trainer does: a local round, then personalize."""
+    def round(self) -> bytes | None:
+        """What the daemon's trainer does: a local round, personalize, encode the update."""
         result = self.learner.local_round(self.data.x, self.data.y)
         self._personalize()
         delta = result.delta
+        if not delta:
+            return None  # `local` shares nothing
         if self.factor != 1.0:
             delta = {name: (self.factor * values).astype(np.float32)
                      for name, values in delta.items()}
-        return delta, result.num_samples, result.base_version
+        try:
+            encoded = encode_deltas(self.pipeline, delta, self.residuals, rng=self.rng)
+        except ValueError:  # non-finite (trained on a wrecked model): the encoder refuses
+            self.unsendable += 1
+            return None
+        self.residuals = dict(encoded.residuals)
+        self.seq += 1
+        return ModelUpdate(device=self.name, seq=self.seq, base_version=result.base_version,
+                           model=self.spec.name, num_samples=result.num_samples,
+                           parts=encoded.payloads, created=time.time(),
+                           codec=self.pipeline.spec,
+                           format=UPDATE_FORMAT_COMPACT).encode(model=self.spec)
+
+    def wire_bytes(self, payload: bytes) -> tuple[int, int]:
+        """The PUBLISH of `payload`, unsigned and signed: the topic and its alias the
+        first time, the alias alone after, as `Link.publish(alias=True)`."""
+        topic, self.aliased = ("" if self.aliased else self.topic), True
+        signed = seal(payload, sign_update(self.key, self.name, payload))
+        return (publish_wire_bytes(topic, payload, qos=1, topic_alias=1),
+                publish_wire_bytes(topic, signed, qos=1, topic_alias=1))
 
 
 def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
@@ -364,7 +453,7 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
                           strategy=make_strategy(options.strategy, **options.strategy_params),
                           seed=options.seed * 1000 + data.person)
         learner.fit_scaler(data.x)
-        devices.append(_Device(data, learner))
+        devices.append(_Device(data, learner, spec, options))
     if options.attack is not None:
         pick = np.random.default_rng([options.seed, 0xA77AC4])
         for i in pick.choice(len(devices), options.attack.devices, replace=False):
@@ -374,6 +463,19 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
         device.adopt(hub.current)
     rng = np.random.default_rng([options.seed, 0xF1EE7])
     budget = options.rounds * options.per_round
+    sizes: list[int] = []
+    signed_bytes = 0
+    curve: list[CurvePoint] = []
+    local_rounds, clock = 0, 0.0
+
+    def send(device: _Device, payload: bytes | None) -> None:
+        nonlocal signed_bytes
+        if payload is None:
+            return
+        size, signed = device.wire_bytes(payload)
+        sizes.append(size)
+        signed_bytes += signed
+        hub.receive(payload, device.name)
 
     def publish() -> None:
         model = hub.maybe_publish()
@@ -381,6 +483,12 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
             return
         for device in devices:
             device.adopt(model)
+        if options.eval_every and model.version % options.eval_every == 0:
+            scores = [d.learner.evaluate(d.data.hx, d.data.hy) for d in devices]
+            curve.append(CurvePoint(
+                model.version, local_rounds, sum(sizes),
+                float(np.mean([s.personal_accuracy for s in scores])),
+                float(np.mean([s.global_accuracy for s in scores]))))
         if progress and (model.version % 10 == 0 or model.version == options.rounds):
             progress(f"version {model.version}")
 
@@ -391,32 +499,29 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
     def duration(i: int) -> float:
         return (options.slow_factor if i in slow else 1.0) * rng.uniform(0.8, 1.2)
 
-    local_rounds, clock = 0, 0.0
     shares = bool(devices[0].learner.strategy.shared)
     if options.mode == "sync":
         for _ in range(options.rounds):
             chosen = rng.choice(len(devices), options.per_round, replace=False)
             for i in chosen:
-                delta, samples, base = devices[i].round()
-                if delta:
-                    hub.receive(delta, samples, base)
+                send(devices[i], devices[i].round())
             clock += max(duration(i) for i in chosen)  # a round waits for its slowest
             local_rounds += options.per_round
             publish()
     else:
         # (finish time, device, its update): an update is computed when its round
         # starts, on the version the device holds then, and arrives when it ends.
-        running: list[tuple[float, int, tuple[dict[str, np.ndarray], int, int]]] = []
+        running: list[tuple[float, int, bytes | None]] = []
         for i, device in enumerate(devices):
             heapq.heappush(running, (duration(i), i, device.round()))
         # A fleet whose every update is refused (a wrecked model) makes no versions:
         # it stops after ASYNC_STALL x the rounds a working one needs.
         while (hub.current.version < options.rounds and local_rounds < ASYNC_STALL * budget
                if shares else local_rounds < budget):
-            clock, i, (delta, samples, base) = heapq.heappop(running)
+            clock, i, payload = heapq.heappop(running)
             local_rounds += 1
-            if delta:
-                hub.receive(delta, samples, base)
+            if payload is not None:
+                send(devices[i], payload)
                 publish()
             heapq.heappush(running, (clock + duration(i), i, devices[i].round()))
 
@@ -432,6 +537,10 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
                      sim_time=round(clock, 3),
                      wall_s=round(time.perf_counter() - started, 3),
                      attackers=[d.data.person for d in devices if d.factor != 1.0],
-                     updates_rejected=hub.rejected, updates_invalid=hub.invalid,
-                     updates_clipped=0 if hub.screen is None else hub.screen.clipped)
+                     updates_rejected=hub.rejected,
+                     updates_invalid=hub.invalid + sum(d.unsendable for d in devices),
+                     updates_clipped=0 if hub.screen is None else hub.screen.clipped,
+                     uplink_bytes=sum(sizes), uplink_signed_bytes=signed_bytes,
+                     updates_sent=len(sizes),
+                     update_bytes_median=float(np.median(sizes)) if sizes else 0.0, curve=curve)
 

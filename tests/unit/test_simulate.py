@@ -55,6 +55,32 @@ def test_uplink_counts_exactly_the_shared_parts() -> None:
     assert local.personal_accuracy.mean() > 0.6
 
 
+def test_updates_cross_as_the_agent_sends_them_and_the_curve_counts_their_bytes(
+        finetune: SimResult) -> None:
+    """Format-2 PUBLISH bytes, decoded by the hub's checks; the curve adds them up."""
+    sparse = simulate(dataclasses.replace(SHORT, codec="topk:0.01+q:4+zstd", eval_every=4))
+    assert sparse.updates_sent == sparse.updates_folded == 24 and sparse.updates_invalid == 0
+    assert [p.version for p in sparse.curve] == [4, 8, 12]
+    assert [p.local_rounds for p in sparse.curve] == [8, 16, 24]
+    assert sparse.curve[-1].uplink_bytes == sparse.uplink_bytes
+    sent = [p.uplink_bytes for p in sparse.curve]
+    assert sent == sorted(set(sent))
+    # The float32 update is the model's values, 4 bytes each, and a little framing.
+    values = sum(ModelSpec.from_manifest(MANIFEST, SHORT.model).parts.values())
+    assert 4 * values < finetune.update_bytes_median < 4 * values + 200
+    assert finetune.uplink_bytes > 100 * sparse.uplink_bytes
+    # An Ed25519 signature (64 bytes) and its envelope on every update.
+    extra = (sparse.uplink_signed_bytes - sparse.uplink_bytes) / sparse.updates_sent
+    assert 64 < extra < 75
+    assert sparse.personal_accuracy.mean() > 0.8
+    assert finetune.curve == []  # eval_every 0: scored at the end only
+
+
+def test_an_unknown_codec_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="codec"):
+        dataclasses.replace(SHORT, codec="topk+nope")
+
+
 def test_async_fedbuff_with_slow_devices() -> None:
     result = simulate(dataclasses.replace(SHORT, mode="async", rounds=8, slow_share=0.5,
                                           slow_factor=4.0, max_staleness=1))
