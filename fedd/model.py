@@ -29,6 +29,10 @@ except ImportError:  # pragma: no cover - older devices with only tflite-runtime
 __all__ = ["ModelError", "ModelSpec", "TrainableModel"]
 
 
+class NonFiniteWeights(ValueError):
+    """Weights to set hold NaN or inf (training diverged on the way)."""
+
+
 class ModelError(Exception):
     """The model file or its manifest is missing, corrupt or not what the spec says."""
 
@@ -252,7 +256,7 @@ class TrainableModel:
         if values.size != size:
             raise ValueError(f"part {name!r} needs {size} values, got {values.size}")
         if not np.isfinite(values).all():
-            raise ValueError(f"part {name!r}: values must be finite (NaN or inf given)")
+            raise NonFiniteWeights(f"part {name!r}: values must be finite (NaN or inf given)")
         return values
 
     def set_part(self, name: str, values: np.ndarray) -> None:

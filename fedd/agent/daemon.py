@@ -36,7 +36,7 @@ from fedd.agent.budget import HourlyWindow, allowance, choose_level
 from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
 from fedd.agent.drift import DriftMonitor, DriftScore
 from fedd.agent.features import model_inputs
-from fedd.agent.learner import SCALER_KEYS, Learner, Scores
+from fedd.agent.learner import SCALER_KEYS, Diverged, Learner, Scores
 from fedd.agent.readings import ReadingsReader
 from fedd.agent.scheduler import Scheduler
 from fedd.agent.sensors import open_source
@@ -469,9 +469,24 @@ class Agent:
                 self.learner.fit_scaler(features)
                 result = self.learner.local_round(features, labels)
                 self.learner.personalize(features, labels)
+            except Diverged as exc:
+                diverged: Diverged | None = exc
+            else:
+                diverged = None
             finally:
                 self.learner.stop_check = None
         self.scheduler.record_run(run.cpu_s, run.energy_j or 0.0, time.time())
+        if diverged is not None:
+            # Retrying on the same version would diverge again: wait for the next one.
+            self.last_trained_version = self.learner.version
+            self.labelled_at_last_round = len(labels)
+            self.last_round_at = time.monotonic()
+            self.store.put(last_trained_version=self.last_trained_version,
+                           labelled_at_last_round=self.labelled_at_last_round,
+                           scheduler=self.scheduler.to_state())
+            log.warning("round (%s) discarded, nothing sent: %s", trigger, diverged,
+                        extra=log_fields(model_version=self.learner.version))
+            return
         drift_reason = self.drift_reason
         self._drift_reference(features)
         if self.holdout is not None:

@@ -46,7 +46,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedd.config import TrainingConfig
-from fedd.model import TrainableModel
+from fedd.model import NonFiniteWeights, TrainableModel
 from fedd.wire import GlobalModel
 
 __all__ = ["BODY", "HEAD", "STRATEGIES", "Ditto", "FedAvg", "FedPer", "FedRep", "FineTune",
@@ -59,6 +59,15 @@ HEAD = "head"
 Step = Callable[[np.ndarray, np.ndarray, float], float]
 Parts = dict[str, np.ndarray]
 SCALER_KEYS = ("feature_mean", "feature_scale")
+
+
+class Diverged(RuntimeError):
+    """Local training went non-finite (too high a learning rate, or a wrecked global
+    model): the round is discarded and the personal parts are as before it."""
+
+
+def _finite(parts: Mapping[str, np.ndarray]) -> bool:
+    return all(np.isfinite(values).all() for values in parts.values())
 
 
 @dataclass(frozen=True)
@@ -404,9 +413,18 @@ class Learner:
             raise RuntimeError("no global model yet")
         base = self.global_model
         x = self._standardize(features)
-        trained, before, after = self.strategy.round(self, x, labels)
+        personal = dict(self.personal)
+        try:
+            trained, before, after = self.strategy.round(self, x, labels)
+        except NonFiniteWeights as exc:
+            self.personal = personal
+            raise Diverged(f"training on version {base.version} went non-finite: {exc}") from exc
         assert set(trained) == set(self.strategy.shared), (trained.keys(), self.strategy)
         delta = {name: trained[name] - base.parts[name] for name in self.strategy.shared}
+        if not (_finite(delta) and _finite(self.personal)):
+            self.personal = personal
+            raise Diverged(f"training on version {base.version} went non-finite (loss "
+                           f"{before:.3g} at the start, {after:.3g} at the end)")
         return RoundResult(delta, base.version, len(x), before, after)
 
     def personalize(self, features: np.ndarray, labels: np.ndarray) -> None:
@@ -416,7 +434,16 @@ class Learner:
             raise RuntimeError("no global model yet")
         if not len(features):
             return
-        self.strategy.personalize(self, self._standardize(features), labels)
+        personal = dict(self.personal)
+        try:
+            self.strategy.personalize(self, self._standardize(features), labels)
+            diverged = not _finite(self.personal)
+        except NonFiniteWeights:
+            diverged = True
+        if diverged:
+            self.personal = personal
+            log.warning("personalizing on version %s went non-finite: kept the personal "
+                        "parts as they were", self.global_model.version)
 
     # -- inference -------------------------------------------------------------
     def predict(self, features: np.ndarray) -> np.ndarray:

@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedd import topics
 from fedd.agent.features import FEATURE_SET, model_inputs
-from fedd.agent.learner import STRATEGIES, Learner, make_strategy
+from fedd.agent.learner import STRATEGIES, Diverged, Learner, make_strategy
 from fedd.config import RobustConfig, TrainingConfig
 from fedd.datasets import hapt, hapt_person
 from fedd.datasets.windows import window_labels, window_starts
@@ -392,25 +392,21 @@ class _Device:
         self.seq = FIRST_SEQ
         self.aliased = False  # the broker knows this device's topic alias
         self.key = Ed25519PrivateKey.generate()
-        self.unsendable = 0  # rounds whose delta the encoder refused
+        self.unsendable = 0  # rounds that diverged, or whose delta the encoder refused
 
     def adopt(self, model: GlobalModel) -> None:
         """What the daemon does with a new version: apply it and re-personalize."""
         self.learner.apply_global(model)
-        self._personalize()
-
-    def _personalize(self) -> None:
-        """Re-personalize; one that diverged (on a wrecked global model) is undone, so the
-        device keeps its last finite personal parts."""
-        before = dict(self.learner.personal)
         self.learner.personalize(self.data.x, self.data.y)
-        if not all(np.isfinite(values).all() for values in self.learner.personal.values()):
-            self.learner.personal = before
 
     def round(self) -> bytes | None:
         """What the daemon's trainer does: a local round, personalize, encode the update."""
-        result = self.learner.local_round(self.data.x, self.data.y)
-        self._personalize()
+        try:
+            result = self.learner.local_round(self.data.x, self.data.y)
+        except Diverged:  # as the agent: discarded, nothing sent
+            self.unsendable += 1
+            return None
+        self.learner.personalize(self.data.x, self.data.y)
         delta = result.delta
         if not delta:
             return None  # `local` shares nothing
@@ -419,7 +415,7 @@ class _Device:
                      for name, values in delta.items()}
         try:
             encoded = encode_deltas(self.pipeline, delta, self.residuals, rng=self.rng)
-        except ValueError:  # non-finite (trained on a wrecked model): the encoder refuses
+        except ValueError:  # an attacker's x1e12: the encoder refuses non-finite values
             self.unsendable += 1
             return None
         self.residuals = dict(encoded.residuals)

@@ -243,3 +243,27 @@ def test_compressed_updates_keep_their_residuals_across_a_restart(
     hub_status = status_of(hub_state)
     assert hub_status["rejected"] == {} and hub_status["accepted"] >= 3
     assert hub.terminate() == 0, hub.tail()
+
+
+def test_an_agent_whose_training_diverges_sends_nothing_and_keeps_running(
+        broker, probe, fedd, agent_yaml, manifest_path, tmp_path, wait_for, status_of):
+    """A wrecked global version (finite, huge weights) makes local SGD overflow: the round is
+    discarded with a log line, nothing is queued, and the agent waits for the next version
+    instead of crashing (and being restarted into the same divergence by systemd)."""
+    fleet, state = "diverge", tmp_path / "dev-state"
+    spec = ModelSpec.from_manifest(manifest_path, "har-mlp")
+    wrecked = GlobalModel(version=3, parent=2, model=spec.name, model_sha256=spec.sha256,
+                          created=0.0, contributors=1, mean_staleness=0.0,
+                          parts={name: np.full(size, 1e15, np.float32)
+                                 for name, size in spec.parts.items()})
+    probe.publish((topics.model_current(fleet), wrecked.encode()), retain=True)
+    agent = fedd.agent("dev", agent_yaml(tmp_path / "dev.yaml", broker=broker, device_id="dev",
+                                         state_dir=state, fleet=fleet, person=1))
+    wait_for(lambda: "discarded, nothing sent" in agent.log(), timeout=TIMEOUT_S,
+             what="the agent to discard a diverged round", watch=[agent])
+    status = wait_for(lambda: (s := status_of(state)) and s["model_version"] == 3 and s,
+                      timeout=TIMEOUT_S, what="the agent's status on version 3", watch=[agent])
+    assert status["updates_sent"] == 0 and status["outbox"] == 0
+    assert agent.log().count("discarded, nothing sent") == 1  # not retried on version 3
+    assert agent.alive()
+    assert agent.terminate() == 0, agent.tail()

@@ -12,6 +12,7 @@ from fedd.agent.learner import (
     HEAD,
     STRATEGIES,
     Ditto,
+    Diverged,
     Learner,
     make_strategy,
 )
@@ -258,6 +259,25 @@ def test_a_stop_check_ends_training_between_batches(spec: ModelSpec) -> None:
     steps = []
     learner.fit(lambda xb, yb, lr: steps.append(1) or 1.0, x, y, epochs=2)
     assert len(steps) == 3  # 20 batches were planned
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "fedper", "ditto"])
+def test_a_round_that_goes_non_finite_is_discarded_and_changes_nothing_personal(
+        spec: ModelSpec, initial: GlobalModel, data: DeviceData, strategy: str) -> None:
+    """A wrecked global model (finite, huge weights) makes SGD overflow: no update, and
+    the personal parts stay as they were (the agent then waits for the next version)."""
+    learner = ready(spec, strategy, initial, data)
+    learner.personalize(data.x, data.y)
+    personal = {name: values.copy() for name, values in learner.personal.items()}
+    wrecked = {name: np.full_like(values, 1e15) for name, values in initial.parts.items()}
+    learner.apply_global(version(spec, 1, wrecked))
+    with pytest.raises(Diverged, match="non-finite"):
+        learner.local_round(data.x, data.y)
+    assert learner.personal.keys() == personal.keys()
+    for name, values in personal.items():
+        np.testing.assert_array_equal(learner.personal[name], values)
+    learner.personalize(data.x, data.y)  # diverges too: kept as it was, with a log line
+    assert all(np.isfinite(values).all() for values in learner.personal.values())
 
 
 def test_unknown_strategy_and_bad_params_are_refused(spec: ModelSpec) -> None:
