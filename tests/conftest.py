@@ -497,6 +497,7 @@ class NotifyListener:
         self.sock.bind(str(path))
         self.sock.settimeout(0.05)
         self.messages: list[str] = []
+        self.timed: list[tuple[float, str]] = []  # (time.monotonic() of arrival, line)
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._drain = threading.Thread(target=self._receive, name=f"notify-{name}", daemon=True)
@@ -512,9 +513,16 @@ class NotifyListener:
                 data = self.sock.recv(65536)
             except (TimeoutError, OSError):
                 continue
+            now = time.monotonic()
             lines = [line for line in data.decode(errors="replace").split("\n") if line]
             with self._lock:
                 self.messages.extend(lines)
+                self.timed.extend((now, line) for line in lines)
+
+    def pings(self) -> list[float]:
+        """When each WATCHDOG=1 arrived (time.monotonic)."""
+        with self._lock:
+            return [t for t, line in self.timed if line == "WATCHDOG=1"]
 
     def poll(self) -> list[str]:
         """Every line received so far, in order."""

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import psutil
@@ -246,18 +246,26 @@ async def publish_counted(link: Link, proxy: CountingProxy, payload: bytes) -> t
     return predicted, proxy.sent - before
 
 
+@contextlib.asynccontextmanager
+async def hub_and_device(broker: Mosquitto, proxy: CountingProxy
+                         ) -> AsyncIterator[tuple[Link, Link]]:
+    """A listener on the update topics (subscribed for sure) and a device through `proxy`."""
+    async with Link(host=broker.host, port=broker.port, client_id="hub-probe",
+                    subscriptions=[("fedd/v1/demo/update/+", 1)]) as listener, \
+            Link(host=broker.host, port=proxy.port, client_id="fedd-person-01",
+                 backoff=Backoff(0.05, 0.2)) as link:
+        await listener.wait_connected(10)
+        await listener.publish("fedd/test/flush", b"", qos=1, timeout=10)  # SUBACK is in
+        await link.wait_connected(10)
+        yield listener, link
+
+
 def test_topic_alias_sends_the_topic_once_per_connection(broker):
     """Mosquitto (max_topic_alias 10 by default) takes the alias; subscribers see the topic."""
     payload = b"\x02" + bytes(69)  # a format-2 update's size
 
     async def main(proxy: CountingProxy) -> None:
-        async with Link(host=broker.host, port=broker.port, client_id="hub-probe",
-                        subscriptions=[("fedd/v1/demo/update/+", 1)]) as listener, \
-                Link(host=broker.host, port=proxy.port, client_id="fedd-person-01",
-                     backoff=Backoff(0.05, 0.2)) as link:
-            await listener.wait_connected(10)
-            await listener.publish("fedd/test/flush", b"", qos=1, timeout=10)  # SUBACK is in
-            await link.wait_connected(10)
+        async with hub_and_device(broker, proxy) as (listener, link):
             full = publish_wire_bytes(UPDATE_TOPIC, payload, 1, topic_alias=1)
             alone = publish_wire_bytes("", payload, 1, topic_alias=1)
             assert (full, alone) == (109, 80)  # 1 + 1 + 2 + 29 + 2 + 1 + 3 + 70; 29 fewer
@@ -286,13 +294,7 @@ def test_an_aliased_publish_is_not_resent_on_a_new_connection(broker):
     payload = b"\x02" + bytes(69)
 
     async def main(proxy: CountingProxy) -> None:
-        async with Link(host=broker.host, port=broker.port, client_id="hub-probe",
-                        subscriptions=[("fedd/v1/demo/update/+", 1)]) as listener, \
-                Link(host=broker.host, port=proxy.port, client_id="fedd-person-01",
-                     backoff=Backoff(0.05, 0.2)) as link:
-            await listener.wait_connected(10)
-            await listener.publish("fedd/test/flush", b"", qos=1, timeout=10)
-            await link.wait_connected(10)
+        async with hub_and_device(broker, proxy) as (listener, link):
             await link.publish(UPDATE_TOPIC, payload, qos=1, timeout=10, alias=True)
             alone = publish_wire_bytes("", payload, 1, topic_alias=1)
             assert link.wire_bytes(UPDATE_TOPIC, payload, qos=1, alias=True) == alone

@@ -17,7 +17,6 @@ import itertools
 import statistics
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
@@ -52,36 +51,12 @@ HANG_AT_STATUS = textwrap.dedent(f"""\
 """)
 
 
-class TimedNotifyListener(NotifyListener):
-    """A NotifyListener that also keeps when each message arrived (time.monotonic)."""
-
-    def __init__(self, folder: Path, name: str = "notify") -> None:
-        self.timed: list[tuple[float, str]] = []
-        super().__init__(folder, name)
-
-    def _receive(self) -> None:
-        while not self._closing.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except (TimeoutError, OSError):
-                continue
-            now = time.monotonic()
-            lines = [line for line in data.decode(errors="replace").split("\n") if line]
-            with self._lock:
-                self.messages.extend(lines)
-                self.timed.extend((now, line) for line in lines)
-
-    def pings(self) -> list[float]:
-        with self._lock:
-            return [t for t, line in self.timed if line == "WATCHDOG=1"]
-
-
 @pytest.fixture
 def listener(tmp_path):
-    made: list[TimedNotifyListener] = []
+    made: list[NotifyListener] = []
 
-    def make(name: str) -> TimedNotifyListener:
-        made.append(TimedNotifyListener(tmp_path, name))
+    def make(name: str) -> NotifyListener:
+        made.append(NotifyListener(tmp_path, name))
         return made[-1]
 
     try:

@@ -586,9 +586,15 @@ def decodes_or_refuses(payload: bytes, max_bytes: int = 4096) -> None:
     assert math.isfinite(got.created)
     assert 1 <= len(got.parts) <= MAX_PARTS
     Pipeline.from_spec(got.codec)
+    parts_read_or_refused(got)
+
+
+def parts_read_or_refused(got: ModelUpdate) -> None:
+    """Each part of a decoded update reads as a finite vector or is refused with a known
+    reason (a part the fuzz model does not have is read at 24 values)."""
     for name, blob in got.parts.items():
         assert isinstance(blob, bytes) and blob
-        try:  # and each part reads as a finite vector or is refused with a known reason
+        try:
             values = got.read_part(name, length=FUZZ_SIZES.get(name, 24)).dense()
         except DecodeError as exc:
             assert exc.reason in REASONS
@@ -912,14 +918,7 @@ def decodes_or_refuses2(payload: bytes, max_bytes: int = 4096) -> None:
     assert got.created.is_integer() and 0 <= got.created <= 2**53
     assert got.trigger in ("version", "drift")
     assert got.parts and set(got.parts) <= set(FUZZ_SIZES)
-    for name, blob in got.parts.items():
-        assert isinstance(blob, bytes) and blob
-        try:
-            values = got.read_part(name, length=FUZZ_SIZES[name]).dense()
-        except DecodeError as exc:
-            assert exc.reason in REASONS
-        else:
-            assert values.dtype == np.float32 and np.isfinite(values).all()
+    parts_read_or_refused(got)
 
 
 @FUZZ
