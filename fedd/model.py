@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,16 @@ try:
 except ImportError:  # pragma: no cover - older devices with only tflite-runtime
     from tflite_runtime.interpreter import Interpreter
 
-__all__ = ["ModelError", "ModelSpec", "TrainableModel"]
+__all__ = ["ModelError", "ModelSpec", "NonFiniteWeights", "TrainableModel", "all_finite"]
 
 
 class NonFiniteWeights(ValueError):
     """Weights to set hold NaN or inf (training diverged on the way)."""
+
+
+def all_finite(parts: Mapping[str, np.ndarray]) -> bool:
+    """Whether every value of every part is finite (no NaN, no inf)."""
+    return all(np.isfinite(values).all() for values in parts.values())
 
 
 class ModelError(Exception):

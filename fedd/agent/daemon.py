@@ -461,6 +461,7 @@ class Agent:
     def _local_round(self) -> None:
         """Train, personalize and queue the update durably (worker)."""
         features, labels = self.store.labelled_windows()
+        diverged: Diverged | None = None
         trigger = (TRIGGER_DRIFT if self.drift_reason
                    else TRIGGER_VERSION if self.learner.strategy.shared else "new-data")
         with self.scheduler.training_run(self.readings) as run:
@@ -470,9 +471,7 @@ class Agent:
                 result = self.learner.local_round(features, labels)
                 self.learner.personalize(features, labels)
             except Diverged as exc:
-                diverged: Diverged | None = exc
-            else:
-                diverged = None
+                diverged = exc
             finally:
                 self.learner.stop_check = None
         self.scheduler.record_run(run.cpu_s, run.energy_j or 0.0, time.time())

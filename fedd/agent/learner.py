@@ -38,15 +38,16 @@ what the interpreter held before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from fedd.config import TrainingConfig
-from fedd.model import NonFiniteWeights, TrainableModel
+from fedd.model import NonFiniteWeights, TrainableModel, all_finite
 from fedd.wire import GlobalModel
 
 __all__ = ["BODY", "HEAD", "STRATEGIES", "Ditto", "FedAvg", "FedPer", "FedRep", "FineTune",
@@ -64,10 +65,6 @@ SCALER_KEYS = ("feature_mean", "feature_scale")
 class Diverged(RuntimeError):
     """Local training went non-finite (too high a learning rate, or a wrecked global
     model): the round is discarded and the personal parts are as before it."""
-
-
-def _finite(parts: Mapping[str, np.ndarray]) -> bool:
-    return all(np.isfinite(values).all() for values in parts.values())
 
 
 @dataclass(frozen=True)
@@ -413,18 +410,16 @@ class Learner:
             raise RuntimeError("no global model yet")
         base = self.global_model
         x = self._standardize(features)
-        personal = dict(self.personal)
         try:
-            trained, before, after = self.strategy.round(self, x, labels)
+            with self._personal_kept_if_non_finite():
+                trained, before, after = self.strategy.round(self, x, labels)
+                assert set(trained) == set(self.strategy.shared), (trained.keys(), self.strategy)
+                delta = {name: trained[name] - base.parts[name] for name in self.strategy.shared}
+                if not all_finite(delta):
+                    raise NonFiniteWeights(f"loss {before:.3g} at the start, {after:.3g} at "
+                                           "the end")
         except NonFiniteWeights as exc:
-            self.personal = personal
             raise Diverged(f"training on version {base.version} went non-finite: {exc}") from exc
-        assert set(trained) == set(self.strategy.shared), (trained.keys(), self.strategy)
-        delta = {name: trained[name] - base.parts[name] for name in self.strategy.shared}
-        if not (_finite(delta) and _finite(self.personal)):
-            self.personal = personal
-            raise Diverged(f"training on version {base.version} went non-finite (loss "
-                           f"{before:.3g} at the start, {after:.3g} at the end)")
         return RoundResult(delta, base.version, len(x), before, after)
 
     def personalize(self, features: np.ndarray, labels: np.ndarray) -> None:
@@ -434,16 +429,25 @@ class Learner:
             raise RuntimeError("no global model yet")
         if not len(features):
             return
-        personal = dict(self.personal)
         try:
-            self.strategy.personalize(self, self._standardize(features), labels)
-            diverged = not _finite(self.personal)
+            with self._personal_kept_if_non_finite():
+                self.strategy.personalize(self, self._standardize(features), labels)
         except NonFiniteWeights:
-            diverged = True
-        if diverged:
-            self.personal = personal
             log.warning("personalizing on version %s went non-finite: kept the personal "
                         "parts as they were", self.global_model.version)
+
+    @contextlib.contextmanager
+    def _personal_kept_if_non_finite(self) -> Iterator[None]:
+        """Raise NonFiniteWeights, with the personal parts as before, when the block's
+        training overflows (while setting weights, or in the parts it leaves)."""
+        personal = dict(self.personal)
+        try:
+            yield
+            if not all_finite(self.personal):
+                raise NonFiniteWeights("the personal parts")
+        except NonFiniteWeights:
+            self.personal = personal
+            raise
 
     # -- inference -------------------------------------------------------------
     def predict(self, features: np.ndarray) -> np.ndarray:

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedd import topics
 from fedd.config import AggregationConfig, HubConfig
 from fedd.hub import robust
@@ -29,7 +27,7 @@ from fedd.hub.ledger import REJECTED, Ledger
 from fedd.hub.models import ModelStore
 from fedd.hub.trust import FleetTrust, UpdateRefused
 from fedd.link import Link, LinkDown, PublishRejected
-from fedd.model import ModelSpec, TrainableModel
+from fedd.model import ModelSpec, TrainableModel, all_finite
 from fedd.pipeline import Decoded, DecodeError
 from fedd.service import Notifier, log_fields
 from fedd.trust.messages import unseal
@@ -234,7 +232,7 @@ class HubCore:
         flushed = self.buffer.flush()
         parts = apply_delta(self.current.parts, flushed.delta,
                             self.config.aggregation.server_learning_rate)
-        if not all(np.isfinite(values).all() for values in parts.values()):
+        if not all_finite(parts):
             self.rejected["non-finite-result"] += flushed.contributors
             self.ledger.discard_buffer("non-finite-result")
             raise Rejected("non-finite-result",
