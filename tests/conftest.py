@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +53,26 @@ def manifest_path(repo_root: Path) -> Path:
     path = repo_root / "models" / "manifest.json"
     assert path.is_file(), f"the shipped model manifest is missing: {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def noop_delegate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tests/fixtures/noop_delegate.c` built as a LiteRT external delegate library.
+
+    It is a real delegate that claims no nodes (see the source for its options):
+    built from source here because no accelerator's delegate can be installed on
+    a test machine, and none is needed to test the path a working delegate takes.
+    """
+    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)),
+                    None)
+    if compiler is None:
+        pytest.skip("no C compiler (install gcc and libc6-dev) to build the no-op delegate")
+    library = tmp_path_factory.mktemp("delegate") / "libnoop_delegate.so"
+    source = REPO_ROOT / "tests" / "fixtures" / "noop_delegate.c"
+    built = subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)],
+                           capture_output=True, text=True, check=False)
+    assert built.returncode == 0, f"{compiler} could not build {source}:\n{built.stderr}"
+    return library
 
 
 # ---------------------------------------------------------------- broker
