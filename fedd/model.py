@@ -134,7 +134,9 @@ class TrainableModel:
                 accelerated = Interpreter(model_content=self._content, num_threads=num_threads,
                                           experimental_delegates=[delegate])
             except (ValueError, RuntimeError) as exc:
-                raise ModelError(f"model {spec.name!r}: the delegate refused it: {exc}") from exc
+                # LiteRT may raise with no text, having logged the reason on stderr.
+                reason = str(exc) or "LiteRT logged why on stderr"
+                raise ModelError(f"model {spec.name!r}: the delegate refused it: {reason}") from exc
             self._delegated = {s: accelerated.get_signature_runner(s)
                                for s in ["infer", *(f"set_{part}" for part in spec.parts)]}
 

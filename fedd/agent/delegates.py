@@ -70,5 +70,7 @@ def choose_delegate(chain: Sequence[str]) -> DelegateChoice:
             try:
                 return DelegateChoice(library, load_delegate(library, options), tuple(failures))
             except (OSError, ValueError, AttributeError, RuntimeError) as exc:
-                failures.append(f"{library}: {exc}")
+                # LiteRT puts the plugin's own reason on a second line: keep one log line.
+                reason = "; ".join(line for line in str(exc).splitlines() if line.strip())
+                failures.append(f"{library}: {reason}")
     return DelegateChoice(CPU, None, tuple(failures))
