@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 import fedd
+from fedd import topics
 from fedd.config import EXIT_CONFIG_INVALID, EXIT_CONFIG_MISSING
+from fedd.wire import Heartbeat
 from tests.conftest import agent_settings, hub_settings, write_yaml
 
 pytestmark = pytest.mark.integration
@@ -370,6 +372,37 @@ def test_a_missing_delegate_falls_back_to_the_cpu_and_says_so(broker, fedd, tmp_
     assert "inference delegate unavailable: libedgetpu.so.1" in log
     assert "inference delegate unavailable: /nonexistent/libvendor_npu.so" in log
     assert "inference and training run on the CPU (xnnpack)" in log
+
+
+def test_a_working_delegate_runs_inference_while_the_agent_trains_on_the_cpu(
+        broker, probe, fedd, tmp_path, agent_yaml, hub_yaml, wait_for, status_of,
+        noop_delegate):
+    """The first delegate of the chain that loads is reported and used; training and
+    updates go on as without one (the no-op delegate leaves every op to the CPU)."""
+    fleet, device = "delegate", "delegated"
+    hub_state, state, record = tmp_path / "hub-state", tmp_path / "state", tmp_path / "record"
+    hub = fedd.hub("hub", hub_yaml(tmp_path / "hub.yaml", broker=broker, state_dir=hub_state,
+                                   fleet=fleet))
+    agent = fedd.agent(device, agent_yaml(
+        tmp_path / "agent.yaml", broker=broker, device_id=device, fleet=fleet, state_dir=state,
+        inference={"delegates": ["libedgetpu.so.1", f"{noop_delegate}?record={record}"]}))
+    # An evaluation is holdout inference: it ran on the delegated interpreter.
+    status = wait_for(lambda: (s := _working(status_of(state))) and s["evaluation"] and s,
+                      timeout=TIMEOUT_S, what="an update and an evaluation from the agent",
+                      watch=[hub, agent])
+    assert status["delegate"] == str(noop_delegate)
+    beat = probe.first(topics.heartbeat(fleet, device), timeout=TIMEOUT_S,
+                       what=f"a heartbeat of {device}")
+    assert Heartbeat.decode(beat.payload).delegate == str(noop_delegate)
+    assert agent.terminate() == 0, agent.tail()
+    assert hub.terminate() == 0, hub.tail()
+    log = agent.log()
+    assert "inference delegate unavailable: libedgetpu.so.1" in log
+    assert f"inference runs on {noop_delegate}; training on the CPU" in log
+    assert "run on the CPU (xnnpack)" not in log
+    # The options reached the library through the config, and an interpreter applied it.
+    lines = record.read_text().splitlines()
+    assert lines[0] == f"record={record}" and "prepare" in lines
 
 
 def test_switching_the_model_keeps_the_state_dir_usable(broker, fedd, tmp_path, agent_yaml,
