@@ -43,6 +43,10 @@ class ModelError(Exception):
     """The model file or its manifest is missing, corrupt or not what the spec says."""
 
 
+class DelegateRefused(ModelError):
+    """An inference delegate loaded but cannot run this model."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the manifest promises about one model file; checked when it is loaded."""
@@ -136,7 +140,8 @@ class TrainableModel:
             except (ValueError, RuntimeError) as exc:
                 # LiteRT may raise with no text, having logged the reason on stderr.
                 reason = str(exc) or "LiteRT logged why on stderr"
-                raise ModelError(f"model {spec.name!r}: the delegate refused it: {reason}") from exc
+                raise DelegateRefused(
+                    f"model {spec.name!r}: the delegate refused it: {reason}") from exc
             self._delegated = {s: accelerated.get_signature_runner(s)
                                for s in ["infer", *(f"set_{part}" for part in spec.parts)]}
 

@@ -24,7 +24,7 @@ import random
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ import psutil
 from fedd import __version__, topics
 from fedd.agent.attestation import DeviceTrust
 from fedd.agent.budget import HourlyWindow, allowance, choose_level
-from fedd.agent.delegates import CPU, DelegateChoice, choose_delegate
+from fedd.agent.delegates import CPU, choose_delegate
 from fedd.agent.drift import DriftMonitor, DriftScore
 from fedd.agent.features import model_inputs
 from fedd.agent.learner import SCALER_KEYS, Diverged, Learner, Scores
@@ -44,7 +44,7 @@ from fedd.agent.store import AgentStore
 from fedd.agent.windowing import Windower
 from fedd.config import AgentConfig
 from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
-from fedd.model import ModelError, ModelSpec, TrainableModel
+from fedd.model import ModelSpec, TrainableModel
 from fedd.pipeline import Pipeline
 from fedd.service import Notifier, log_fields
 from fedd.trust.messages import Hello, TrustVerdict, decode_from_hub
@@ -106,8 +106,7 @@ class Agent:
             log.info("uplink %s; error-feedback residuals carried: %s", self.uplink.spec,
                      ", ".join(f"{name} |r|={norm:.6g}" for name, norm in sorted(carried.items())))
         self.trust = DeviceTrust(config.trust, config.device_id, self.spec.path)
-        self.delegate = choose_delegate(config.inference.delegates)
-        self.learner = Learner(self._load_model(), config.training,
+        self.learner = Learner(self._load_model(config.inference.delegates), config.training,
                                strategy=config.training.strategy,
                                seed=zlib.crc32(config.device_id.encode()))
         if self.store.get("strategy", config.training.strategy) == config.training.strategy:
@@ -180,19 +179,15 @@ class Agent:
                             " its residual may grow without bound", pipeline.spec, name, length)
         return pipeline
 
-    def _load_model(self) -> TrainableModel:
-        """The model, with inference on the chosen delegate when it accepts the model."""
+    def _load_model(self, chain: Sequence[str]) -> TrainableModel:
+        """The model, with inference on the first delegate of `chain` that takes it."""
+        self.delegate = choose_delegate(
+            chain, accept=lambda delegate: TrainableModel(self.spec, delegate=delegate))
         for failure in self.delegate.failures:
             log.warning("inference delegate unavailable: %s", failure)
-        if self.delegate.delegate is not None:
-            try:
-                model = TrainableModel(self.spec, delegate=self.delegate.delegate)
-            except ModelError as exc:
-                log.warning("inference delegate %s: %s", self.delegate.name, exc)
-                self.delegate = DelegateChoice(CPU, None, (*self.delegate.failures, str(exc)))
-            else:
-                log.info("inference runs on %s; training on the CPU", self.delegate.name)
-                return model
+        if self.delegate.accepted is not None:
+            log.info("inference runs on %s; training on the CPU", self.delegate.name)
+            return self.delegate.accepted
         log.info("inference and training run on the CPU (%s)", CPU)
         return TrainableModel(self.spec)
 

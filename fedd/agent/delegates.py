@@ -3,9 +3,10 @@
 A delegate is named in the config as its shared library with optional
 options after `?`, e.g. `libedgetpu.so.1` or
 `libarmnnDelegate.so?backends=GpuAcc,CpuAcc&logging-severity=warning`.
-The first one that loads wins; a library that is missing or is not a
-delegate plugin is skipped with its reason, and with none left inference
-runs on the CPU with XNNPACK. Delegates only run inference: training always
+The first one that loads and takes the model wins; a library that is
+missing, is not a delegate plugin, or refuses the model (a static-shape
+accelerator and a graph with dynamic shapes) is skipped with its reason, and
+with none left inference runs on the CPU with XNNPACK. Delegates only run inference: training always
 runs on the CPU (DESIGN.md).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -24,16 +25,20 @@ try:
 except ImportError:  # pragma: no cover - older devices with only tflite-runtime
     from tflite_runtime.interpreter import load_delegate
 
+from fedd.model import DelegateRefused
+
 CPU = "xnnpack"
 
 
 @dataclass(frozen=True)
 class DelegateChoice:
-    """The delegate inference got (`CPU` when none) and why the others failed."""
+    """The delegate inference got (`CPU` when none), why the others failed, and what
+    `accept` built on it."""
 
     name: str
     delegate: Any | None
     failures: tuple[str, ...]
+    accepted: Any = None
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -61,16 +66,28 @@ def _quiet_failed_delegate() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
-def choose_delegate(chain: Sequence[str]) -> DelegateChoice:
-    """Load the first delegate of `chain` that works; fall back to the CPU."""
+def _one_line(exc: Exception) -> str:
+    """LiteRT puts a plugin's own reason on a second line: keep one log line."""
+    return "; ".join(line for line in str(exc).splitlines() if line.strip())
+
+
+def choose_delegate(chain: Sequence[str],
+                    accept: Callable[[Any], Any] | None = None) -> DelegateChoice:
+    """The first delegate of `chain` that loads and that `accept` (building the model
+    on it) does not refuse with `DelegateRefused`; the CPU when none does."""
     failures = []
     for spec in chain:
         library, options = parse_spec(spec)
         with _quiet_failed_delegate():
             try:
-                return DelegateChoice(library, load_delegate(library, options), tuple(failures))
+                delegate = load_delegate(library, options)
             except (OSError, ValueError, AttributeError, RuntimeError) as exc:
-                # LiteRT puts the plugin's own reason on a second line: keep one log line.
-                reason = "; ".join(line for line in str(exc).splitlines() if line.strip())
-                failures.append(f"{library}: {reason}")
+                failures.append(f"{library}: {_one_line(exc)}")
+                continue
+        try:
+            accepted = None if accept is None else accept(delegate)
+        except DelegateRefused as exc:
+            failures.append(f"{library}: {_one_line(exc)}")
+            continue
+        return DelegateChoice(library, delegate, tuple(failures), accepted)
     return DelegateChoice(CPU, None, tuple(failures))

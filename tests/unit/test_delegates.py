@@ -147,3 +147,24 @@ def test_a_static_shape_delegate_takes_har_mlp_and_refuses_har_cnn(
     TrainableModel(ModelSpec.from_manifest(MANIFEST, "har-mlp"), delegate=choice.delegate)
     with pytest.raises(ModelError, match=r"'har-cnn': the delegate refused it: \S"):
         TrainableModel(ModelSpec.from_manifest(MANIFEST, "har-cnn"), delegate=choice.delegate)
+
+
+def test_a_delegate_that_refuses_the_model_hands_over_to_the_next_in_the_chain(
+        noop_delegate: Path, tmp_path: Path) -> None:
+    """A static-shape accelerator that cannot run har-cnn is not the end of the chain:
+    the next delegate that takes the model is used, and the refusal is kept as a reason."""
+    spec = ModelSpec.from_manifest(MANIFEST, "har-cnn")
+    record = tmp_path / "dynamic.txt"
+    choice = choose_delegate(
+        [str(noop_delegate), f"{noop_delegate}?dynamic=1&record={record}"],
+        accept=lambda delegate: TrainableModel(spec, delegate=delegate))
+    assert isinstance(choice.accepted, TrainableModel)
+    assert "prepare" in recorded(record)
+    assert len(choice.failures) == 1
+    assert "the delegate refused it" in choice.failures[0]
+    assert choice.name == str(noop_delegate)
+
+    alone = choose_delegate([str(noop_delegate)],
+                            accept=lambda delegate: TrainableModel(spec, delegate=delegate))
+    assert (alone.name, alone.delegate, alone.accepted) == (CPU, None, None)
+    assert "the delegate refused it" in alone.failures[0]
