@@ -363,7 +363,8 @@ class Learner:
         self.mean = flat.mean(axis=0)
         self.scale = np.maximum(flat.std(axis=0), 1e-6)
 
-    def _standardize(self, features: np.ndarray) -> np.ndarray:
+    def standardize(self, features: np.ndarray) -> np.ndarray:
+        """Model inputs from features, with this device's statistics (`fit_scaler`)."""
         if self.mean is None or self.scale is None:
             raise RuntimeError("no feature statistics yet: fit_scaler first")
         return ((features - self.mean) / self.scale).astype(np.float32)
@@ -409,7 +410,7 @@ class Learner:
         if self.global_model is None:
             raise RuntimeError("no global model yet")
         base = self.global_model
-        x = self._standardize(features)
+        x = self.standardize(features)
         try:
             with self._personal_kept_if_non_finite():
                 trained, before, after = self.strategy.round(self, x, labels)
@@ -431,7 +432,7 @@ class Learner:
             return
         try:
             with self._personal_kept_if_non_finite():
-                self.strategy.personalize(self, self._standardize(features), labels)
+                self.strategy.personalize(self, self.standardize(features), labels)
         except NonFiniteWeights:
             log.warning("personalizing on version %s went non-finite: kept the personal "
                         "parts as they were", self.global_model.version)
@@ -453,13 +454,13 @@ class Learner:
     def predict(self, features: np.ndarray) -> np.ndarray:
         """The personal model's classes for featurized windows."""
         self.load(self.personal_parts())
-        return self.model.predict(self._standardize(features)).argmax(axis=1)
+        return self.model.predict(self.standardize(features)).argmax(axis=1)
 
     def evaluate(self, features: np.ndarray, labels: np.ndarray) -> Scores:
         """Accuracy of the global model and of the personal model on windows."""
         if self.global_model is None:
             raise RuntimeError("no global model yet")
-        x = self._standardize(features)
+        x = self.standardize(features)
         self.load(self.global_parts())
         global_acc = float((self.model.predict(x).argmax(axis=1) == labels).mean())
         personal_acc = float((self.predict(features) == labels).mean())

@@ -465,7 +465,7 @@ def test_evaluate_gives_accuracies(learner: Learner, initial: GlobalModel,
 def test_fit_scaler_standardizes(learner: Learner, train_data) -> None:  # type: ignore[no-untyped-def]
     x, _ = train_data
     learner.fit_scaler(x)
-    z = learner._standardize(x)
+    z = learner.standardize(x)
     np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-4)
     spread = z.std(axis=0)
     assert np.all((np.abs(spread - 1) < 1e-3) | (spread == 0))

@@ -14,6 +14,7 @@ from fedd.fleet.simulate import (
     SimOptions,
     SimResult,
     load_fleet,
+    pooled,
     simulate,
     skewed_classes,
 )
@@ -39,6 +40,14 @@ def test_a_short_simulation_beats_chance_by_far(finetune: SimResult) -> None:
     for person in finetune.people:
         assert person.classes == list(range(6))
         assert person.train_windows > 150 and person.holdout_windows > 50
+
+
+def test_each_persons_confusion_matrix_counts_their_holdout(finetune: SimResult) -> None:
+    for person in finetune.people:
+        confusion = np.array(person.confusion)
+        assert confusion.shape == (6, 6)
+        assert confusion.sum() == person.holdout_windows
+        assert np.trace(confusion) == round(person.personal_accuracy * person.holdout_windows)
 
 
 def test_json_round_trip(finetune: SimResult) -> None:
@@ -176,3 +185,14 @@ def test_bad_options_are_refused(change: dict[str, object], message: str) -> Non
 def test_bad_attacks_are_refused(attack: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="attack"):
         Attack(**attack)  # type: ignore[arg-type]
+
+
+def test_the_pooled_reference_trains_one_model_on_everyones_windows() -> None:
+    """One model for all (so each person's global score is that model's on their holdout),
+    then each person's own head: scored as the simulation scores its devices."""
+    people = pooled(SHORT, epochs=3, head_epochs=3)
+    fleet = load_fleet(PEOPLE)
+    assert [p.person for p in people] == list(PEOPLE)
+    assert [p.holdout_windows for p in people] == [len(d.hy) for d in fleet]
+    assert np.mean([p.global_accuracy for p in people]) > 0.8  # chance is 1/6
+    assert np.mean([p.personal_accuracy for p in people]) > 0.8

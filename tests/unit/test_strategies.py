@@ -178,7 +178,7 @@ def _predict(spec: ModelSpec, parts: dict[str, np.ndarray], learner: Learner,
              features: np.ndarray) -> np.ndarray:
     model = TrainableModel(spec)
     model.set_parts(parts)
-    return model.predict(learner._standardize(features)).argmax(axis=1)
+    return model.predict(learner.standardize(features)).argmax(axis=1)
 
 
 def test_fedavg_runs_the_global_model(spec: ModelSpec, initial: GlobalModel,
