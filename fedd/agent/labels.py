@@ -237,7 +237,7 @@ def label_command(args: argparse.Namespace) -> int:
         try:
             result = store.label_span(label, start=span.start, end=span.end,
                                       relabel=args.relabel)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:  # locked past the busy timeout, or worse
             code = EXIT_TEMPFAIL if "locked" in str(exc) else EXIT_DATA
             raise LabelError(f"{store.path}: {exc}"
                              + ("; the agent is busy with it, try again"

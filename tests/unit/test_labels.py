@@ -31,6 +31,7 @@ from fedd.agent.labels import (
     EXIT_NOINPUT,
     EXIT_NOPERM,
     EXIT_NOTHING,
+    EXIT_TEMPFAIL,
     EXIT_USAGE,
     LabelError,
     class_names,
@@ -293,6 +294,18 @@ def test_nothing_stored_in_the_span_exits_1(config: Path) -> None:
     done = label(config, "0", "--from", str(time.time() - 60))
     assert done.returncode == EXIT_NOTHING
     assert "no windows were stored from" in done.stderr
+
+
+def test_a_store_the_agent_keeps_busy_past_the_timeout_exits_75(config: Path) -> None:
+    store = agent_store(config)
+    store.add_windows(np.zeros((1, *SHAPE)), np.array([-1]))
+    try:
+        with store._transaction():  # the agent holding its write lock for longer than 5 s
+            done = label(config, "walking", "--last", "5m")
+    finally:
+        store.close()
+    assert done.returncode == EXIT_TEMPFAIL
+    assert "database is locked; the agent is busy with it, try again" in done.stderr
 
 
 @pytest.mark.parametrize(("args", "says"), [
