@@ -139,6 +139,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from fedd.agent.labels import label_command
+
+    return label_command(args)
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
     from fedd.fleet.runner import FleetOptions, run_fleet
 
@@ -178,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--state-dir", help="read this state directory instead")
     status.add_argument("--json", action="store_true", help="print the raw status")
     status.set_defaults(func=cmd_status)
+
+    label = sub.add_parser("label", help="label the windows a live sensor stored in a span")
+    label.add_argument("-c", "--config", default=DEFAULT_AGENT_CONFIG)
+    label.add_argument("activity", help="what the user was doing: a class name or index")
+    span = label.add_mutually_exclusive_group(required=True)
+    span.add_argument("--last", metavar="DURATION", help="the last DURATION: 90s, 5m, 1h30m")
+    span.add_argument("--from", dest="start", metavar="TIME",
+                      help="ISO 8601 (local time unless it has an offset), HH:MM[:SS] today, "
+                           "or Unix seconds")
+    label.add_argument("--to", dest="end", metavar="TIME", help="with --from (default: now)")
+    label.add_argument("--relabel", action="store_true",
+                       help="also overwrite windows labelled with another class")
+    label.set_defaults(func=cmd_label)
 
     fleet = sub.add_parser("fleet", help="run a local fleet on HAPT: broker, hub, agents")
     fleet.add_argument("--devices", type=int, default=10, help="people from HAPT (max 30)")

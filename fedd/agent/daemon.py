@@ -40,7 +40,7 @@ from fedd.agent.learner import SCALER_KEYS, Diverged, Learner, Scores
 from fedd.agent.readings import ReadingsReader
 from fedd.agent.scheduler import Scheduler
 from fedd.agent.sensors import open_source
-from fedd.agent.store import AgentStore
+from fedd.agent.store import FILENAME, AgentStore
 from fedd.agent.windowing import Windower
 from fedd.config import AgentConfig
 from fedd.link import Link, LinkDown, PublishRejected, Will, publish_wire_bytes
@@ -94,7 +94,7 @@ class Agent:
         self.notifier = notifier
         self.spec = ModelSpec.from_manifest(config.model.manifest, config.model.name)
         state_dir = Path(config.state_dir)
-        self.store = AgentStore(state_dir / "agent.sqlite", input_shape=self.spec.input_shape)
+        self.store = AgentStore(state_dir / FILENAME, input_shape=self.spec.input_shape)
         self.inputs = model_inputs(self.spec.features)
         self._adopt_model_state()
         self.status_path = state_dir / "status.json"

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedd import durable
 
+FILENAME = "agent.sqlite"  # in the agent's state_dir
 CACHE_KIB = 512
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -35,6 +36,15 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY, created REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
 """
+
+
+@dataclass(frozen=True)
+class SpanLabels:
+    """What labelling a span did to its windows (`AgentStore.label_span`)."""
+
+    labelled: int  # unlabelled before, labelled now
+    relabelled: int  # had another class, overwritten (only when asked to)
+    kept: int  # had a label and keep it: the same class, or another one not overwritten
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,28 @@ class AgentStore:
         features = np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4")
         return (features.reshape(len(rows), *self.input_shape).astype(np.float32),
                 np.array([r[1] for r in rows], dtype=np.int32))
+
+    def label_span(self, label: int, *, start: float, end: float,
+                   relabel: bool = False) -> SpanLabels:
+        """Give `label` to the windows stored from `start` to `end` (Unix time, inclusive).
+
+        For the user of a live source, whose windows come unlabelled: one
+        transaction, so the running agent sees all of the span labelled or
+        none of it. Only labels change; ids and `stored_at` (what retention
+        goes by) stay. Windows that have a label keep it unless `relabel`.
+        """
+        if label < 0:
+            raise ValueError(f"a class label is 0 or more, got {label}")
+        span = "stored_at BETWEEN ? AND ?"
+        with self._transaction():
+            labelled = self._db.execute(f"UPDATE windows SET label = ? WHERE {span} AND label < 0",
+                                        (label, start, end)).rowcount
+            relabelled = self._db.execute(
+                f"UPDATE windows SET label = ? WHERE {span} AND label >= 0 AND label != ?",
+                (label, start, end, label)).rowcount if relabel else 0
+            held = self._db.execute(f"SELECT COUNT(*) FROM windows WHERE {span} AND label >= 0",
+                                    (start, end)).fetchone()[0]
+        return SpanLabels(labelled, relabelled, int(held) - labelled - relabelled)
 
     def forget_windows(self) -> int:
         """Drop every stored window (they were made for another model's inputs)."""
