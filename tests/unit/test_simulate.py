@@ -174,6 +174,8 @@ def test_a_robust_rule_runs_in_the_simulation() -> None:
     ({"people": (1, 1)}, "distinct"),
     ({"mode": "later"}, "mode must be"),
     ({"rounds": 0}, "rounds must be"),
+    ({"learning_rate": 0.0}, "learning_rate must be"),
+    ({"learning_rate": float("nan")}, "learning_rate must be"),
     ({"attack": Attack(factor=100.0, devices=5)}, "needs as many people"),
 ])
 def test_bad_options_are_refused(change: dict[str, object], message: str) -> None:
