@@ -17,7 +17,7 @@ NOT_ON_THE_AGENT_PATH = ("fedd.hub", "fedd.fleet", "fedd.pki", "fedd.trust.signi
                          "statistics", "matplotlib", "prometheus_client")
 
 
-def test_starting_an_agent_imports_none_of_the_heavy_modules_it_does_not_use():
+def test_starting_an_agent_imports_none_of_the_heavy_modules_it_does_not_use() -> None:
     code = ("import sys, fedd.cli, fedd.agent.daemon; "
             f"print(' '.join(m for m in {NOT_ON_THE_AGENT_PATH!r} if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
