@@ -257,7 +257,7 @@ class TrainingConfig:
     strategy: Literal["finetune", "fedavg", "fedper", "fedrep", "ditto", "local"] = "finetune"
     min_windows: int = setting(64, min=1)
     epochs: int = setting(2, min=1, max=100)
-    learning_rate: float = setting(0.2, gt=0, max=10)
+    learning_rate: float | None = setting(None, gt=0, max=10)  # None: the model's own
     head_epochs: int = setting(1, min=0, max=100)
     min_interval_s: float = setting(60.0, min=0)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,16 @@ class DelegateRefused(ModelError):
     """An inference delegate loaded but cannot run this model."""
 
 
+def _learning_rate(value: object) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"learning_rate must be a number > 0, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the manifest promises about one model file; checked when it is loaded."""
@@ -59,6 +70,9 @@ class ModelSpec:
     train_batch: int
     features: str
     parts: dict[str, int]
+    # What training.learning_rate means when it is not set: the best measured for this
+    # model (scripts/build-model); manifests from before it carried one get 0.2.
+    learning_rate: float = 0.2
 
     @classmethod
     def from_manifest(cls, manifest_path: str | Path, name: str) -> ModelSpec:
@@ -85,6 +99,7 @@ class ModelSpec:
                 train_batch=int(entry["train_batch"]),
                 features=str(entry["features"]),
                 parts={str(k): int(v) for k, v in entry["parts"].items()},
+                learning_rate=_learning_rate(entry.get("learning_rate", cls.learning_rate)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{manifest_path}: model {name!r} has a bad entry: {exc!r}") from exc

@@ -277,6 +277,8 @@ class Learner:
             raise ValueError(f"strategy {self.strategy.name!r} needs parts {sorted(unknown)} "
                              f"that model {model.spec.name!r} lacks")
         self.batch = model.spec.train_batch
+        self.learning_rate = (model.spec.learning_rate if training.learning_rate is None
+                              else training.learning_rate)
         self.rng = np.random.default_rng(seed)
         self.global_model: GlobalModel | None = None
         self.personal: Parts = {}
@@ -390,7 +392,7 @@ class Learner:
         for batch in self._batches(len(x), epochs):
             if self.stop_check is not None and self.stop_check() is not None:
                 break
-            losses.append(step(x[batch], y[batch], self.training.learning_rate))
+            losses.append(step(x[batch], y[batch], self.learning_rate))
         if not losses:
             return float("nan"), float("nan")
         per_epoch = max(1, min(len(losses), -(-len(x) // self.batch)))

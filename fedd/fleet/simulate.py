@@ -189,7 +189,7 @@ class SimOptions:
     label_skew: bool = False
     seed: int = 0
     epochs: int = 2
-    learning_rate: float = 0.2
+    learning_rate: float | None = None  # None: the model's own (its manifest's)
     head_epochs: int = 1
     server_learning_rate: float = 1.0
     staleness_exponent: float = 0.5
@@ -214,7 +214,8 @@ class SimOptions:
                              f"got {self.per_round}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate)
+                                                   and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a number > 0, got {self.learning_rate}")
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")

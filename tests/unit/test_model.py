@@ -23,12 +23,14 @@ ARCH = {
         "features": "hapt-stats-v1",
         "parts": {"body": sum(i * o + o for i, o in MLP_BODY), "head": 32 * 6 + 6},
         "lr": 0.05,
+        "device_lr": 0.2,
     },
     "har-cnn": {
         "input_shape": (128, 6),
         "features": "raw-128x6-v1",
         "parts": {"body": sum(k * i * o + o for k, _, i, o in CNN_CONVS), "head": 64 * 6 + 6},
         "lr": 0.2,
+        "device_lr": 0.1,
     },
 }
 MODELS = sorted(ARCH)
@@ -106,6 +108,7 @@ def test_spec_matches_manifest(spec: ModelSpec, model: TrainableModel) -> None:
     assert spec.train_batch == 32
     assert spec.path.is_file()
     assert model.parts == arch["parts"]
+    assert spec.learning_rate == arch["device_lr"]  # the devices' default, measured per model
 
 
 def test_manifest_lists_every_shipped_model() -> None:
@@ -234,6 +237,14 @@ def test_manifest_errors_name_manifest_and_model(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=NAME):
         ModelSpec.from_manifest(missing, NAME)
     manifest["models"][NAME]["sha256"] = "0" * 64
+    for bad in (0, -0.1, "fast", float("nan")):
+        manifest["models"][NAME]["learning_rate"] = bad
+        missing.write_text(json.dumps(manifest))
+        with pytest.raises(ModelError, match="learning_rate"):
+            ModelSpec.from_manifest(missing, NAME)
+    del manifest["models"][NAME]["learning_rate"]  # an older manifest: the former default
+    missing.write_text(json.dumps(manifest))
+    assert ModelSpec.from_manifest(missing, NAME).learning_rate == 0.2
     manifest["models"][NAME]["file"] = "absent.tflite"
     missing.write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match=r"absent\.tflite"):

@@ -288,3 +288,17 @@ def test_unknown_strategy_and_bad_params_are_refused(spec: ModelSpec) -> None:
     with pytest.raises(ValueError, match="lam must be"):
         make_strategy("ditto", lam=-1.0)
     assert make_strategy("ditto", lam=0.5).params() == {"lam": 0.5}
+
+
+@pytest.mark.parametrize("name", ["har-mlp", "har-cnn"])
+def test_training_steps_at_the_models_learning_rate_unless_the_config_sets_one(
+        name: str) -> None:
+    model_spec = ModelSpec.from_manifest(MANIFEST, name)
+    x = np.zeros((5, *model_spec.input_shape), np.float32)
+    y = np.zeros(5, np.int32)
+    for training, expected in ((TrainingConfig(), model_spec.learning_rate),
+                               (TrainingConfig(learning_rate=0.03), 0.03)):
+        learner = Learner(TrainableModel(model_spec), training)
+        seen: list[float] = []
+        learner.fit(lambda _x, _y, lr: seen.append(lr) or 0.0, x, y, epochs=2)
+        assert seen and set(seen) == {expected}
