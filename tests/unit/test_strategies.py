@@ -298,7 +298,11 @@ def test_training_steps_at_the_models_learning_rate_unless_the_config_sets_one(
     y = np.zeros(5, np.int32)
     for training, expected in ((TrainingConfig(), model_spec.learning_rate),
                                (TrainingConfig(learning_rate=0.03), 0.03)):
-        learner = Learner(TrainableModel(model_spec), training)
-        seen: list[float] = []
-        learner.fit(lambda _x, _y, lr: seen.append(lr) or 0.0, x, y, epochs=2)
-        assert seen and set(seen) == {expected}
+        rates: list[float] = []
+
+        def step(_x: np.ndarray, _y: np.ndarray, lr: float, rates: list[float] = rates) -> float:
+            rates.append(lr)
+            return 0.0
+
+        Learner(TrainableModel(model_spec), training).fit(step, x, y, epochs=2)
+        assert rates and set(rates) == {expected}
