@@ -15,6 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -317,6 +318,22 @@ class DriftConfig:
                              f"recent_windows ({self.recent_windows})")
 
 
+def parse_delegate_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`library?key=value&key=value` → (library, options); `%XX` escapes a `&` or `=`
+    in a value, and a `+` stays a `+` (an option may be a path, not a form field)."""
+    library, _, query = spec.partition("?")
+    if not library:
+        raise ValueError(f"delegate {spec!r} names no library")
+    options = {}
+    for pair in query.split("&") if query else ():
+        key, equals, value = pair.partition("=")
+        if not key or not equals:
+            raise ValueError(f"delegate {spec!r}: option {pair!r} is not key=value")
+        options[unquote(key)] = unquote(value)
+    return library, options
+
+
+
 @dataclass(frozen=True, kw_only=True)
 class InferenceConfig:
     """Accelerators for inference; training always runs on the CPU."""
@@ -325,8 +342,7 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         for spec in self.delegates:
-            if not spec or spec.startswith("?"):
-                raise ValueError(f"delegate {spec!r} names no library")
+            parse_delegate_spec(spec)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,13 +18,13 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
 
 try:
     from ai_edge_litert.interpreter import load_delegate
 except ImportError:  # pragma: no cover - older devices with only tflite-runtime
     from tflite_runtime.interpreter import load_delegate
 
+from fedd.config import parse_delegate_spec
 from fedd.model import DelegateRefused
 
 CPU = "xnnpack"
@@ -39,14 +39,6 @@ class DelegateChoice:
     delegate: Any | None
     failures: tuple[str, ...]
     accepted: Any = None
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """`library?key=value&key=value` → (library, options)."""
-    library, _, query = spec.partition("?")
-    if not library:
-        raise ValueError(f"delegate {spec!r} names no library")
-    return library, dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
 
 
 @contextlib.contextmanager
@@ -77,7 +69,7 @@ def choose_delegate(chain: Sequence[str],
     on it) does not refuse with `DelegateRefused`; the CPU when none does."""
     failures = []
     for spec in chain:
-        library, options = parse_spec(spec)
+        library, options = parse_delegate_spec(spec)
         with _quiet_failed_delegate():
             try:
                 delegate = load_delegate(library, options)

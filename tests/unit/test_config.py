@@ -165,6 +165,12 @@ INVALID = {
         "training.learning_rate",
         ["greater than 0"],
     ),
+    "delegate option": (
+        "device_id: a\ninference:\n  delegates: [libedgetpu.so.1, 'libnpu.so?cache']\n",
+        2,
+        "inference",
+        ["option 'cache' is not key=value"],
+    ),
     "not finite": (
         "device_id: a\nstore:\n  max_age_h: .inf\n",
         3,

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedd.agent.delegates import CPU, choose_delegate, parse_spec
+from fedd.agent.delegates import CPU, choose_delegate
+from fedd.config import parse_delegate_spec
 from fedd.model import ModelError, ModelSpec, TrainableModel
 
 MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
@@ -22,15 +23,19 @@ def recorded(path: Path) -> list[str]:
 
 
 def test_parse_spec_splits_library_and_options() -> None:
-    assert parse_spec("libedgetpu.so.1") == ("libedgetpu.so.1", {})
-    assert parse_spec("libarmnnDelegate.so?backends=GpuAcc,CpuAcc&logging-severity=info") == (
+    assert parse_delegate_spec("libedgetpu.so.1") == ("libedgetpu.so.1", {})
+    armnn = "libarmnnDelegate.so?backends=GpuAcc,CpuAcc&logging-severity=info"
+    assert parse_delegate_spec(armnn) == (
         "libarmnnDelegate.so", {"backends": "GpuAcc,CpuAcc", "logging-severity": "info"})
+    assert parse_delegate_spec("libnpu.so?cache=/var/lib/npu+cache&sep=a%26b%3Dc&empty=") == (
+        "libnpu.so", {"cache": "/var/lib/npu+cache", "sep": "a&b=c", "empty": ""})
 
 
-@pytest.mark.parametrize("spec", ["", "?backends=x", "lib.so?novalue"])
+@pytest.mark.parametrize("spec", ["", "?backends=x", "lib.so?novalue", "lib.so?a=1&&b=2",
+                                  "lib.so?=x"])
 def test_parse_spec_rejects_nonsense(spec: str) -> None:
     with pytest.raises(ValueError):
-        parse_spec(spec)
+        parse_delegate_spec(spec)
 
 
 def test_an_empty_chain_runs_on_the_cpu() -> None:
