@@ -333,7 +333,6 @@ def parse_delegate_spec(spec: str) -> tuple[str, dict[str, str]]:
     return library, options
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class InferenceConfig:
     """Accelerators for inference; training always runs on the CPU."""

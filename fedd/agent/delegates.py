@@ -6,8 +6,8 @@ options after `?`, e.g. `libedgetpu.so.1` or
 The first one that loads and takes the model wins; a library that is
 missing, is not a delegate plugin, or refuses the model (a static-shape
 accelerator and a graph with dynamic shapes) is skipped with its reason, and
-with none left inference runs on the CPU with XNNPACK. Delegates only run inference: training always
-runs on the CPU (DESIGN.md).
+with none left inference runs on the CPU with XNNPACK. Delegates only run
+inference: training always runs on the CPU (DESIGN.md).
 """
 
 from __future__ import annotations

@@ -333,14 +333,9 @@ class _Hub:
                               reducer=robust.reducer_for(options.robust))
         self.screen = (None if options.robust is None
                        else robust.NormScreen.from_config(options.robust))
-        self.current = self._version(0, initial, contributors=0, staleness=0.0)
+        self.current = _global_model(spec, 0, initial)
         self.folded = self.dropped = self.rejected = self.uplink = 0
         self.invalid = 0  # non-finite updates, and updates of a flush that overflowed
-
-    def _version(self, version: int, parts: dict[str, np.ndarray], *, contributors: int,
-                 staleness: float) -> GlobalModel:
-        return _global_model(self.spec, version, parts, contributors=contributors,
-                             staleness=staleness)
 
     def receive(self, payload: bytes, device: str) -> None:
         """Decode and check one update as HubCore.receive does, then fold it."""
@@ -382,7 +377,7 @@ class _Hub:
         if not all_finite(moved):
             self.invalid += flushed.contributors  # as HubCore.next_version: non-finite-result
             return None
-        self.current = self._version(self.current.version + 1, {**current, **moved},
+        self.current = _global_model(self.spec, self.current.version + 1, {**current, **moved},
                                      contributors=flushed.contributors,
                                      staleness=flushed.mean_staleness)
         return self.current
@@ -444,6 +439,17 @@ class _Device:
         signed = seal(payload, bytes(SIGNATURE_BYTES))
         return (publish_wire_bytes(topic, payload, qos=1, topic_alias=1),
                 publish_wire_bytes(topic, signed, qos=1, topic_alias=1))
+
+
+def _scored(learner: Learner, data: DeviceData) -> PersonResult:
+    """One device at the end, on its holdout: the global and the personal model's
+    accuracy and the personal model's confusion matrix (true x predicted)."""
+    scores = learner.evaluate(data.hx, data.hy)
+    predicted = learner.predict(data.hx)
+    confusion = np.bincount(data.hy * NUM_CLASSES + predicted,
+                            minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+    return PersonResult(data.person, data.classes, len(data.y), len(data.hy),
+                        scores.global_accuracy, scores.personal_accuracy, confusion.tolist())
 
 
 def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
@@ -532,17 +538,8 @@ def simulate(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
                 publish()
             heapq.heappush(running, (clock + duration(i), i, devices[i].round()))
 
-    people = []
-    for device in devices:
-        data = device.data
-        scores = device.learner.evaluate(data.hx, data.hy)
-        predicted = device.learner.predict(data.hx)
-        confusion = np.bincount(data.hy * NUM_CLASSES + predicted,
-                                minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
-        people.append(PersonResult(data.person, data.classes, len(data.y), len(data.hy),
-                                   scores.global_accuracy, scores.personal_accuracy,
-                                   confusion.tolist()))
-    return SimResult(options=options, people=people, versions=hub.current.version,
+    return SimResult(options=options, people=[_scored(d.learner, d.data) for d in devices],
+                     versions=hub.current.version,
                      local_rounds=local_rounds, updates_folded=hub.folded,
                      updates_dropped=hub.dropped, uplink_values=hub.uplink,
                      sim_time=round(clock, 3),
@@ -583,11 +580,7 @@ def pooled(options: SimOptions, *, fleet: Sequence[DeviceData] | None = None,
     central.fit(central.model.train_step, np.concatenate(x),
                 np.concatenate([data.y for data in fleet]), epochs)
     model = _global_model(spec, 1, central.model.get_parts())
-    people = []
     for learner, data in zip(learners, fleet, strict=True):
         learner.apply_global(model)
         learner.personalize(data.x, data.y)
-        scores = learner.evaluate(data.hx, data.hy)
-        people.append(PersonResult(data.person, data.classes, len(data.y), len(data.hy),
-                                   scores.global_accuracy, scores.personal_accuracy))
-    return people
+    return [_scored(learner, data) for learner, data in zip(learners, fleet, strict=True)]
